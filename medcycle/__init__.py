@@ -1,0 +1,45 @@
+"""medcycle: MRI to synthetic CT (HU) with an unpaired CycleGAN built on MONAI.
+
+The public API, one function per job (each also a ``medcycle`` sub-command)::
+
+    import medcycle
+    medcycle.phantom("data", cases=8)                       # built-in paired MR/CT head phantom
+    medcycle.preprocess(data="data", out="cache", config="configs/demo_cpu.yaml")
+    medcycle.train(config="configs/demo_cpu.yaml", data="cache", out="run")
+    medcycle.convert("data/phantom_007/mr.nii.gz", "sct.nii.gz", model="run")
+    medcycle.evaluate(pred="sct.nii.gz", ref="data/phantom_007/ct.nii.gz", mask="data/phantom_007/mask.nii.gz")
+
+Volumes: :func:`medcycle.io.load_volume` / :func:`medcycle.io.save_nifti` keep the exact geometry.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+__version__ = "0.1.0"
+
+# MONAI announces optional GPU DICOM decoders on every LoadImage; medcycle never uses them.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+
+_JOBS = {
+    "phantom": "pipelines.phantom",
+    "preprocess": "pipelines.preprocess",
+    "train": "pipelines.train",
+    "convert": "pipelines.convert",
+    "evaluate": "pipelines.evaluate",
+    "demo": "pipelines.demo",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # Jobs import torch and MONAI; loading them lazily keeps `import medcycle` and `--help` fast.
+    if name in _JOBS:
+        import importlib
+
+        return importlib.import_module(_JOBS[name]).run
+    raise AttributeError(f"module 'medcycle' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_JOBS]

@@ -1,0 +1,146 @@
+"""The ``medcycle`` command line: one sub-command per job, each a thin layer over ``pipelines/``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional, Sequence
+
+from medcycle import __version__
+from medcycle.errors import MedcycleError
+
+EXAMPLES = {
+    "phantom": "medcycle phantom --out data --cases 8 --size full",
+    "preprocess": "medcycle preprocess --data data --out cache --config configs/demo_cpu.yaml --workers 2\n"
+    "  medcycle preprocess --mr-dir mr/ --ct-dir ct/ --out cache",
+    "train": "medcycle train --config configs/demo_cpu.yaml --data cache --out run --max-iters 2000\n"
+    "  medcycle train --config configs/demo_cpu.yaml --data cache --out run --resume\n"
+    "  torchrun --nproc_per_node=2 -m medcycle train --config configs/demo_cpu.yaml --data cache --out run",
+    "convert": "medcycle convert -i mr.nii.gz -o sct.nii.gz --model run\n"
+    "  medcycle convert -i patients/ -o sct/ --model run/best.pt --dicom-out sct_dicom/",
+    "evaluate": "medcycle evaluate --pred sct.nii.gz --ref ct.nii.gz --mask mask.nii.gz --out report\n"
+    "  medcycle evaluate --pred sct/ --ref data/ --out report",
+    "demo": "medcycle demo                  # phantom -> preprocess -> train 15 min -> convert -> evaluate\n"
+    "  medcycle demo --minutes 3 --out demo_quick",
+}
+
+
+def _add(sub: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=summary,
+        epilog="example:\n  " + EXAMPLES[name],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML config (see configs/); defaults when omitted")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one config key, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="medcycle",
+        description="MRI to synthetic CT in Hounsfield units with an unpaired CycleGAN built on MONAI.",
+        epilog="examples:\n  " + "\n  ".join(e.splitlines()[0] for e in EXAMPLES.values())
+        + "\n\nRun 'medcycle COMMAND --help' for the options of a command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"medcycle {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = _add(sub, "phantom", "write synthetic paired MR/CT head cases in the SynthRAD2023 layout")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (one sub-folder per case)")
+    p.add_argument("--cases", type=int, default=8, metavar="N", help="number of cases (default 8)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; same seed, same data (default 0)")
+    p.add_argument("--size", choices=("small", "full"), default="full",
+                   help="full: 256x256 at about 1x1x2.5 mm; small: tiny, for tests (default full)")
+
+    p = _add(sub, "preprocess", "turn MR/CT volumes into a cache of normalised 2D tiles for training")
+    p.add_argument("--data", metavar="DIR", help="SynthRAD layout: DIR/<case>/mr.*, optional ct.*, mask.*")
+    p.add_argument("--mr-dir", metavar="DIR", help="unpaired layout: a folder of MR volumes")
+    p.add_argument("--ct-dir", metavar="DIR", help="unpaired layout: a folder of CT volumes")
+    p.add_argument("--out", required=True, metavar="CACHE", help="cache folder (re-runs skip finished cases)")
+    _add_config(p)
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="cases processed in parallel (default 1)")
+
+    p = _add(sub, "train", "train the MR<->CT CycleGAN on a preprocessed cache")
+    _add_config(p)
+    p.add_argument("--data", required=True, metavar="CACHE", help="cache folder written by 'medcycle preprocess'")
+    p.add_argument("--out", required=True, metavar="RUN", help="run folder: checkpoints, logs, images")
+    p.add_argument("--max-iters", type=int, metavar="N", help="stop after N iterations (overrides train.iterations)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt exactly where it stopped")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+
+    p = _add(sub, "convert", "convert an MRI volume (or a folder of them) to a synthetic CT in HU")
+    p.add_argument("-i", "--input", required=True, metavar="INPUT", help="NIfTI/MHA/NRRD file, DICOM-series folder, or a folder of cases")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="output .nii.gz (or folder in folder mode)")
+    p.add_argument("-m", "--model", required=True, metavar="RUN_OR_CHECKPOINT", help="run folder (uses best.pt, else last.pt) or a .pt file")
+    p.add_argument("--mask", metavar="MASK", help="body mask; computed from the MR when omitted")
+    p.add_argument("--no-mask", action="store_true", help="keep the model's values outside the body (default: -1000 HU)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices per forward pass (default 8)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--dicom-out", metavar="DIR", help="also write the sCT as a CT DICOM series")
+
+    p = _add(sub, "evaluate", "SynthRAD2023 metrics (MAE/PSNR/SSIM in HU inside the body) and figures")
+    p.add_argument("--pred", required=True, metavar="SCT", help="synthetic CT file or folder")
+    p.add_argument("--ref", required=True, metavar="CT", help="reference CT file or folder of cases")
+    p.add_argument("--mask", metavar="MASK", help="body mask (folder mode: each case's mask.*)")
+    p.add_argument("--mr", metavar="MR", help="MR shown in the figure (folder mode: each case's mr.*)")
+    p.add_argument("--out", metavar="DIR", help="write metrics.csv, summary.json and one PNG per case")
+    p.add_argument("--window", type=float, nargs=2, default=(-1024.0, 3000.0), metavar=("LO", "HI"),
+                   help="HU range for PSNR/SSIM (default -1024 3000, SynthRAD2023; 2025 uses -1024 3071)")
+
+    p = _add(sub, "demo", "the whole job on built-in phantom data: data, training, conversion, evaluation")
+    p.add_argument("--out", default="medcycle_demo", metavar="DIR", help="demo folder (default medcycle_demo)")
+    p.add_argument("--minutes", type=float, default=15.0, help="training budget in minutes (default 15)")
+    p.add_argument("--config", default=None, metavar="FILE", help="config (default configs/demo_cpu.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--seed", type=int, default=0, help="phantom and training seed (default 0)")
+    return parser
+
+
+def _job(args: argparse.Namespace) -> Callable[[], object]:
+    import medcycle
+
+    if args.command == "phantom":
+        return lambda: medcycle.phantom(out=args.out, cases=args.cases, seed=args.seed, size=args.size)
+    if args.command == "preprocess":
+        return lambda: medcycle.preprocess(out=args.out, data=args.data, mr_dir=args.mr_dir, ct_dir=args.ct_dir,
+                                           config=args.config, overrides=args.overrides, workers=args.workers)
+    if args.command == "train":
+        return lambda: medcycle.train(config=args.config, data=args.data, out=args.out, overrides=args.overrides,
+                                      max_iters=args.max_iters, resume=args.resume, device=args.device)
+    if args.command == "convert":
+        return lambda: medcycle.convert(input=args.input, output=args.output, model=args.model, mask=args.mask,
+                                        no_mask=args.no_mask, batch_size=args.batch_size, device=args.device,
+                                        overwrite=args.overwrite, dicom_out=args.dicom_out)
+    if args.command == "evaluate":
+        return lambda: medcycle.evaluate(pred=args.pred, ref=args.ref, mask=args.mask, out=args.out, mr=args.mr,
+                                         window=tuple(args.window))
+    return lambda: medcycle.demo(out=args.out, minutes=args.minutes, config=args.config,
+                                 overrides=args.overrides, seed=args.seed)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one sub-command; user errors print one line and return their exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        _job(args)()
+    except MedcycleError as exc:
+        print(f"medcycle {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"medcycle {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,233 @@
+"""Configuration as data: YAML files validated into typed dataclasses.
+
+Every key has a default that follows the published CycleGAN (Zhu et al. 2017) where one exists.
+An unknown key, a value of the wrong type or an impossible value is refused with a message that
+names the key, e.g. ``config: train.lr must be > 0, got -1``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional
+
+import yaml
+
+from medcycle.errors import UsageError
+
+
+@dataclass
+class DataConfig:
+    """How volumes become tiles; stored in the cache and every checkpoint so conversion repeats it."""
+
+    orientation: str = "RAS"
+    spacing: tuple[float, float] = (1.0, 1.0)  # in-plane mm; the slice spacing is kept
+    tile_size: int = 256
+    context_slices: int = 1  # 2.5D: odd number of neighbouring axial slices given as channels
+    mr_percentiles: tuple[float, float] = (0.5, 99.5)
+    ct_window: tuple[float, float] = (-1024.0, 3000.0)  # SynthRAD2023; (-1024, 3071) for 2025
+    min_body_fraction: float = 0.05  # slices whose tile holds less body than this are dropped
+    val_cases: int = 1  # paired cases kept out of training for validation
+
+
+@dataclass
+class ModelConfig:
+    """Generator and discriminator architecture."""
+
+    generator: Literal["resnet", "unet"] = "resnet"
+    gen_width: int = 64
+    gen_blocks: int = 9
+    disc_width: int = 64
+    disc_layers: int = 3
+
+
+@dataclass
+class LossConfig:
+    """Loss weights; a weight of 0 switches a term off."""
+
+    pairing: Literal["unpaired", "paired", "hybrid"] = "unpaired"
+    adversarial: float = 1.0
+    cycle: float = 10.0  # lambda of the cycle-consistency L1
+    identity: float = 0.5  # times `cycle`, as in the reference implementation
+    structure: float = 0.0  # MIND structure loss between MR and sCT (Yang et al. 2018)
+    gradient: float = 0.0  # gradient-consistency loss between MR and sCT (Hiasa et al. 2018)
+    paired: float = 10.0  # L1 between sCT and registered CT when pairing is paired or hybrid
+    paired_ssim: float = 0.0  # optional SSIM term on registered pairs
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, logging and execution settings."""
+
+    iterations: int = 20000
+    max_minutes: Optional[float] = None  # stop on a wall-clock budget; the schedule follows it
+    batch_size: int = 1
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    decay_from: float = 0.5  # fraction of the run after which the lr decays linearly to zero
+    pool_size: int = 50
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    augment: bool = True
+    workers: int = 2
+    seed: int = 0
+    deterministic: bool = False
+    log_every: int = 10
+    image_every: int = 500
+    val_every: int = 500
+    checkpoint_every: int = 500
+    val_max_tiles: int = 64
+
+
+@dataclass
+class Config:
+    """The whole configuration of a medcycle run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), suitable for YAML, JSON and checkpoints."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """Validate a nested dict into a Config, refusing unknown keys and wrong types."""
+        return _build(cls, values or {}, "")
+
+    def validate(self) -> "Config":
+        """Refuse impossible values with a message naming the key."""
+        d, m, t, lo = self.data, self.model, self.train, self.loss
+        _check(d.tile_size >= 16 and d.tile_size % 4 == 0, "data.tile_size", "must be a multiple of 4 and >= 16", d.tile_size)
+        _check(d.context_slices >= 1 and d.context_slices % 2 == 1, "data.context_slices", "must be an odd number >= 1", d.context_slices)
+        _check(all(s > 0 for s in d.spacing), "data.spacing", "must be > 0", list(d.spacing))
+        _check(0 <= d.mr_percentiles[0] < d.mr_percentiles[1] <= 100, "data.mr_percentiles", "must be 0 <= low < high <= 100", list(d.mr_percentiles))
+        _check(d.ct_window[0] < d.ct_window[1], "data.ct_window", "must be low < high", list(d.ct_window))
+        _check(0 <= d.min_body_fraction < 1, "data.min_body_fraction", "must be in [0, 1)", d.min_body_fraction)
+        _check(d.val_cases >= 0, "data.val_cases", "must be >= 0", d.val_cases)
+        _check(d.orientation.upper() == d.orientation and len(d.orientation) == 3, "data.orientation", "must be three axis codes such as RAS", d.orientation)
+        _check(m.gen_width >= 1 and m.disc_width >= 1, "model.gen_width", "and model.disc_width must be >= 1", m.gen_width)
+        _check(m.gen_blocks >= 0, "model.gen_blocks", "must be >= 0", m.gen_blocks)
+        _check(m.disc_layers >= 1, "model.disc_layers", "must be >= 1", m.disc_layers)
+        for name in ("adversarial", "cycle", "identity", "structure", "gradient", "paired", "paired_ssim"):
+            _check(getattr(lo, name) >= 0, f"loss.{name}", "must be >= 0", getattr(lo, name))
+        _check(t.iterations >= 1, "train.iterations", "must be >= 1", t.iterations)
+        _check(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes", "must be > 0", t.max_minutes)
+        _check(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
+        _check(t.lr > 0, "train.lr", "must be > 0", t.lr)
+        _check(all(0 <= b < 1 for b in t.betas), "train.betas", "must be in [0, 1)", list(t.betas))
+        _check(0 <= t.decay_from <= 1, "train.decay_from", "must be in [0, 1]", t.decay_from)
+        _check(t.pool_size >= 0, "train.pool_size", "must be >= 0", t.pool_size)
+        _check(t.workers >= 0, "train.workers", "must be >= 0", t.workers)
+        for name in ("log_every", "image_every", "val_every", "checkpoint_every", "val_max_tiles"):
+            _check(getattr(t, name) >= 1, f"train.{name}", "must be >= 1", getattr(t, name))
+        return self
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise UsageError(f"config: {key} {rule}, got {value!r}")
+
+
+def _build(kind: Any, value: Any, key: str) -> Any:
+    """Convert `value` to the annotated type `kind`, naming `key` in every refusal."""
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise UsageError(f"config: {key or 'the file'} must be a mapping, got {value!r}")
+        hints = typing.get_type_hints(kind)
+        names = {f.name for f in dataclasses.fields(kind)}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            where = f"{key}." if key else ""
+            raise UsageError(f"config: unknown key '{where}{unknown[0]}' (known: {', '.join(sorted(names))})")
+        return kind(**{n: _build(hints[n], v, f"{key}.{n}" if key else n) for n, v in value.items()})
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise UsageError(f"config: {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(kind) if a is not type(None)][0]
+        return _build(inner, value, key)
+    if origin is tuple:
+        items = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise UsageError(f"config: {key} must be a list of {len(items)} values, got {value!r}")
+        return tuple(_build(t, v, key) for t, v in zip(items, value))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise UsageError(f"config: {key} must be true or false, got {value!r}")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"config: {key} must be an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"config: {key} must be a number, got {value!r}")
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise UsageError(f"config: {key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {kind} for {key}")  # a programming error, not a user's
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise UsageError(f"--set expects KEY=VALUE such as train.lr=1e-4, got {assignment!r}")
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"--set {key}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (defaults when `path` is None), apply ``KEY=VALUE`` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise UsageError(f"{path}: the top level must be a mapping of sections")
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    return Config.from_dict(tree).validate()
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    from medcycle.io import atomic_write
+
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def config_hash(section: Any) -> str:
+    """A short stable hash of a config section (dataclass or dict), used to detect stale caches."""
+    values = dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
+    text = json.dumps(json.loads(json.dumps(values)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,264 @@
+"""Reading and writing volumes without losing geometry.
+
+Volumes are read through MONAI's ``LoadImage``: NIfTI with MONAI's ``NibabelReader``; MHA, NRRD and
+DICOM series with :class:`SimpleITKReader`, a MONAI ``ImageReader`` on SimpleITK (MONAI's own
+``ITKReader`` needs the large ``itk`` package). In memory a volume is an ``(X, Y, Z)`` array in the
+file's voxel order with a 4x4 RAS affine. NIfTI outputs copy the input's header, so sform, qform and
+their codes come back exactly; for other inputs the affine is the one SimpleITK reads, LPS to RAS.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from monai.data import ImageReader, NibabelReader
+from monai.transforms import LoadImage
+
+from medcycle.errors import InputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass
+class Volume:
+    """A 3D image: ``array`` (X, Y, Z) float32, ``affine`` voxel-to-RAS-mm, and where it came from."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: Path
+    header: Optional[nib.Nifti1Header] = field(default=None, repr=False)  # NIfTI inputs only
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the three array axes."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+
+def is_volume_path(path: Path) -> bool:
+    """True for a file with a volume suffix or a folder (a DICOM series)."""
+    return path.is_dir() or path.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def sitk_to_ras_affine(image: sitk.Image) -> np.ndarray:
+    """The voxel-to-RAS affine of a SimpleITK image (whose geometry is LPS)."""
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.array(image.GetSpacing(), dtype=np.float64)
+    lps[:3, 3] = image.GetOrigin()
+    return LPS_TO_RAS @ lps
+
+
+def ras_affine_to_sitk(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """(origin, spacing, direction) in SimpleITK's LPS convention for a voxel-to-RAS affine."""
+    lps = LPS_TO_RAS @ np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    direction = lps[:3, :3] / spacing
+    return tuple(lps[:3, 3].tolist()), tuple(spacing.tolist()), tuple(direction.ravel().tolist())
+
+
+def dicom_series_files(folder: Path) -> list[str]:
+    """The sorted files of the single DICOM series in `folder`; refuses none or several series."""
+    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not ids:
+        raise InputError(f"{folder}: no DICOM series found in this folder")
+    if len(ids) > 1:
+        raise InputError(f"{folder}: holds {len(ids)} DICOM series; put each series in its own folder")
+    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0]))
+
+
+class SimpleITKReader(ImageReader):
+    """A MONAI ``ImageReader`` for MHA/NRRD files and DICOM-series folders, through SimpleITK.
+
+    ``get_data`` returns the array in (X, Y, Z) order and a RAS ``affine``, like ``NibabelReader``.
+    """
+
+    def verify_suffix(self, filename: Sequence[os.PathLike] | os.PathLike) -> bool:
+        names = filename if isinstance(filename, (list, tuple)) else [filename]
+        return all(Path(n).is_dir() or str(n).lower().endswith(SITK_SUFFIXES) for n in names)
+
+    def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs: Any) -> sitk.Image:
+        path = Path(data[0] if isinstance(data, (list, tuple)) else data)
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            reader.SetFileNames(dicom_series_files(path))
+            return reader.Execute()
+        return sitk.ReadImage(str(path))
+
+    def get_data(self, img: sitk.Image) -> tuple[np.ndarray, dict]:
+        array = sitk.GetArrayFromImage(img)
+        array = np.transpose(array, tuple(range(array.ndim))[::-1])  # (Z, Y, X) -> (X, Y, Z)
+        if img.GetNumberOfComponentsPerPixel() > 1 or img.GetDimension() != 3:
+            affine = np.eye(4)
+        else:
+            affine = sitk_to_ras_affine(img)
+        meta = {
+            "affine": affine,
+            "original_affine": affine.copy(),
+            "spatial_shape": np.array(array.shape[:3]),
+            "space": "RAS",
+            "original_channel_dim": float("nan"),
+        }
+        return array, meta
+
+
+def _reader_for(path: Path) -> ImageReader:
+    if path.is_dir() or path.name.lower().endswith(SITK_SUFFIXES):
+        return SimpleITKReader()
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        return NibabelReader()
+    raise InputError(f"{path}: not a volume (expected .nii, .nii.gz, .mha, .nrrd or a DICOM folder)")
+
+
+def load_volume(path: str | Path, allow_constant: bool = False) -> Volume:
+    """Load a 3D volume through MONAI ``LoadImage``; refuse anything that is not a usable 3D image.
+
+    Refused, with one line naming the file: a missing path, an unreadable or truncated file, data
+    that is not 3D (2D, 4D, vector images), an empty volume, NaN/Inf values and (unless
+    `allow_constant`, e.g. for masks) an all-constant volume.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file or folder")
+    reader = _reader_for(path)
+    try:
+        image = LoadImage(reader=reader, image_only=True, dtype=None)(str(path))
+    except InputError:
+        raise
+    except Exception as exc:  # nibabel/SimpleITK/zlib raise many types for corrupt files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot be read as a volume (truncated or corrupt?): {reason[:160]}") from None
+    array = np.asarray(image.numpy())
+    header = None
+    if isinstance(reader, NibabelReader):
+        header = nib.load(str(path)).header
+        array = _squeeze_to_3d(array, path)
+    validate_array(array, path, allow_constant=allow_constant)
+    return Volume(array=array.astype(np.float32, copy=False), affine=np.asarray(image.affine, dtype=np.float64), path=path, header=header)
+
+
+def _squeeze_to_3d(array: np.ndarray, path: Path) -> np.ndarray:
+    # A NIfTI with a trailing time axis of length 1 is a 3D volume; longer is a 4D series.
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    return array
+
+
+def validate_array(array: np.ndarray, path: Path, allow_constant: bool = False) -> None:
+    """Refuse what is not a finite, non-empty, non-constant 3D volume."""
+    if array.ndim != 3:
+        raise InputError(f"{path}: expected a 3D volume, got {array.ndim}D data of shape {tuple(array.shape)}")
+    if min(array.shape) < 2:
+        raise InputError(f"{path}: expected a 3D volume, got shape {tuple(array.shape)} (a 2D image?)")
+    if array.size == 0:
+        raise InputError(f"{path}: the volume is empty")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise InputError(f"{path}: unsupported voxel type {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise InputError(f"{path}: the volume contains NaN or infinite values")
+    if not allow_constant and array.min() == array.max():
+        raise InputError(f"{path}: the volume is all one value ({array.flat[0]}); nothing to process")
+
+
+def check_same_grid(a: Volume, b: Volume, tolerance_mm: float = 1e-3) -> None:
+    """Refuse two volumes that do not share the same voxel grid (shape and affine)."""
+    if a.shape != b.shape:
+        raise InputError(f"{b.path}: grid {b.shape} differs from {a.path} {a.shape}; resample them onto one grid first")
+    if not np.allclose(a.affine, b.affine, atol=tolerance_mm):
+        raise InputError(f"{b.path}: affine differs from {a.path} (same shape, different position or orientation)")
+
+
+def file_checksum(path: str | Path) -> str:
+    """SHA-256 of a file, or of every file of a DICOM folder, in sorted order."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix); rename it onto `path` only on success."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{path.parent}: cannot create the output folder ({exc.strerror})") from None
+    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
+    try:
+        yield tmp
+        if tmp.is_dir():
+            if path.exists():
+                raise InputError(f"{path}: already exists")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if tmp.is_dir():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def _refuse_overwriting_input(path: Path, like: Optional[Volume]) -> None:
+    if like is not None and Path(path).resolve() == like.path.resolve():
+        raise InputError(f"{path}: the output path is the input; choose another output file")
+
+
+def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype: Any = np.float32) -> Path:
+    """Write `array` as NIfTI with sform and qform both set from `affine` (code 1), atomically."""
+    image = nib.Nifti1Image(np.asarray(array).astype(dtype), np.asarray(affine, dtype=np.float64))
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    with atomic_write(path) as tmp:
+        nib.save(image, str(tmp))
+    return Path(path)
+
+
+def save_nifti(path: str | Path, array: np.ndarray, like: Volume, dtype: Any = np.int16) -> Path:
+    """Write `array` on the grid of `like`: same shape, affine, sform/qform (codes too), voxel order.
+
+    Integer output types are rounded and clipped to the type's range rather than wrapped.
+    """
+    path = Path(path)
+    _refuse_overwriting_input(path, like)
+    array = np.asarray(array)
+    if array.shape != like.shape:
+        raise ValueError(f"array shape {array.shape} does not match the reference grid {like.shape}")
+    if np.issubdtype(np.dtype(dtype), np.integer):
+        info = np.iinfo(dtype)
+        array = np.clip(np.rint(array), info.min, info.max)
+    if like.header is None:
+        return write_nifti(path, array, like.affine, dtype)
+    header = like.header.copy()
+    header.set_data_dtype(dtype)
+    header.set_data_shape(array.shape)
+    image = nib.Nifti1Image(array.astype(dtype), None, header=header)
+    sform, sform_code = like.header.get_sform(coded=True)
+    qform, qform_code = like.header.get_qform(coded=True)
+    image.set_sform(like.header.get_sform(), code=int(sform_code or 0))
+    image.set_qform(like.header.get_qform(), code=int(qform_code or 0))
+    image.header.set_slope_inter(1.0, 0.0)
+    with atomic_write(path) as tmp:
+        nib.save(image, str(tmp))
+    return path

@@ -1,0 +1,77 @@
+"""Configuration: YAML validated into dataclasses, refusals name the key, overrides apply."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medcycle.config import Config, config_hash, load_config, save_config
+from medcycle.errors import UsageError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_follow_the_published_cyclegan():
+    config = load_config()
+    assert config.train.lr == 2e-4 and config.train.betas == (0.5, 0.999)
+    assert config.loss.cycle == 10.0 and config.loss.identity == 0.5
+    assert config.train.pool_size == 50 and config.loss.pairing == "unpaired"
+    assert config.data.ct_window == (-1024.0, 3000.0)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_are_valid(name):
+    config = load_config(CONFIGS / name)
+    assert isinstance(config, Config)
+
+
+def test_overrides_apply_with_yaml_types():
+    config = load_config(None, ["train.lr=1e-4", "data.spacing=[2, 2.5]", "train.max_minutes=3", "train.compile=true"])
+    assert config.train.lr == 1e-4
+    assert config.data.spacing == (2.0, 2.5)
+    assert config.train.max_minutes == 3.0 and config.train.compile is True
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown key 'train.lrr'"),
+        ("trian.lr=1", "unknown key 'trian'"),
+        ("train.lr=abc", "train.lr must be a number"),
+        ("train.batch_size=2.5", "train.batch_size must be an integer"),
+        ("data.tile_size=30", "data.tile_size must be a multiple of 4"),
+        ("data.context_slices=2", "data.context_slices must be an odd number"),
+        ("loss.pairing=both", "loss.pairing must be one of unpaired, paired, hybrid"),
+        ("train.lr=-1", "train.lr must be > 0"),
+        ("data.ct_window=[3000, -1024]", "data.ct_window must be low < high"),
+        ("train.augment=3", "train.augment must be true or false"),
+        ("data.spacing=[1]", "data.spacing must be a list of 2 values"),
+        ("nokey", "--set expects KEY=VALUE"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(override, message):
+    with pytest.raises(UsageError, match=message.replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_yaml_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(UsageError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(UsageError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    config = load_config(None, ["model.gen_width=8", "loss.structure=0.5"])
+    save_config(config, tmp_path / "config.yaml")
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]["gen_width"] == 8
+    assert load_config(tmp_path / "config.yaml") == config
+    assert Config.from_dict(config.to_dict()) == config
+
+
+def test_config_hash_tracks_values():
+    a, b = load_config(), load_config(None, ["data.tile_size=128"])
+    assert config_hash(a.data) == config_hash(load_config().data)
+    assert config_hash(a.data) != config_hash(b.data)
+    assert config_hash(a.data) == config_hash(a.to_dict()["data"])
