@@ -245,7 +245,7 @@ def save_nifti(path: str | Path, array: np.ndarray, like: Volume, dtype: Any = n
     array = np.asarray(array)
     if array.shape != like.shape:
         raise ValueError(f"array shape {array.shape} does not match the reference grid {like.shape}")
-    if np.issubdtype(np.dtype(dtype), np.integer):
+    if np.issubdtype(np.dtype(dtype), np.integer) and array.dtype != np.dtype(dtype):  # already that type: as is
         info = np.iinfo(dtype)
         array = np.clip(np.rint(array), info.min, info.max)
     if like.header is None:
@@ -253,7 +253,7 @@ def save_nifti(path: str | Path, array: np.ndarray, like: Volume, dtype: Any = n
     header = like.header.copy()
     header.set_data_dtype(dtype)
     header.set_data_shape(array.shape)
-    image = nib.Nifti1Image(array.astype(dtype), None, header=header)
+    image = nib.Nifti1Image(array.astype(dtype, copy=False), None, header=header)
     sform, sform_code = like.header.get_sform(coded=True)
     qform, qform_code = like.header.get_qform(coded=True)
     image.set_sform(like.header.get_sform(), code=int(sform_code or 0))

@@ -1,0 +1,389 @@
+"""Benchmark `medcycle convert`: the fast path against a naive one-slice-at-a-time fp32 loop.
+
+    python benchmarks/bench_convert.py            # full run (a few minutes on 2 CPU cores)
+    python benchmarks/bench_convert.py --quick    # small sizes, checks that the script works
+
+For each model (random weights, written to a real checkpoint):
+
+* ``256-px``: ResNet generator width 64, 9 blocks, tile 256, 1 mm, context 1;
+* ``demo``: ``configs/demo_cpu.yaml`` when present (else tile 64, width 32, 6 blocks, context 3),
+
+a 256 x 256 x 160 head-like MRI (1 mm) is converted end to end (read, preprocess, synthesize, back to
+the input grid, write int16 NIfTI) twice, each in its own subprocess:
+
+* ``fast``: :func:`pipelines.convert.run` as shipped (MONAI SliceInferer, batches of windows, bf16
+  autocast where the CPU has native bf16 and the checkpoint asks for AMP, body-mask window skipping);
+* ``naive``: the same pipeline with the inference replaced by the seed tutorial's loop: one axial
+  slice at a time, fp32, batch 1 (windows of a slice larger than the tile are run one by one with
+  the same gaussian blending, so both compute the same function).
+
+Reported: seconds of ``run()`` (and the speed-up), peak RSS of the subprocess, and the MAE in HU
+between the two sCTs inside the body and over the whole volume. The 256-px model is slow on 2 cores,
+so by default it is timed on the middle ``--slices-256`` slices and the times are scaled to 160 slices
+(the work is linear in the number of slices; the table says so). Finally the peak RSS of converting a
+512 x 512 x 300 volume is measured in a subprocess with the 256-px model; its body fills only
+``--band`` slices, so only those windows run: the full-size arrays (which set the peak) are all
+exercised without spending an hour of CPU on inference.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+GiB = 1024**3
+
+
+# --------------------------------------------------------------------------------------------------
+# generator: medcycle.networks when it exists; until then a labelled stand-in with the standard
+# CycleGAN ResNet layout (Zhu et al. 2017), so the benchmark measures a representative network.
+
+STANDIN: list[str] = []
+
+
+def ensure_networks() -> None:
+    try:
+        from medcycle.transforms import volume_transforms  # noqa: F401
+    except ImportError:  # the preprocessing stand-in of tests/test_convert.py (MONAI Orientation/Spacing/percentiles)
+        from tests.test_convert import _standin_transforms
+
+        sys.modules["medcycle.transforms"] = _standin_transforms()
+        STANDIN.append("medcycle.transforms (MONAI Orientation, Spacing, threshold mask, percentile scaling)")
+    try:
+        from medcycle.networks import build_generator  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import types
+
+    import torch.nn as nn
+
+    class Block(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c), nn.ReLU(True),
+                                      nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c))
+
+        def forward(self, x):
+            return x + self.body(x)
+
+    def build_generator(kind, channels, width, n_blocks):
+        layers = [nn.ReflectionPad2d(3), nn.Conv2d(channels, width, 7), nn.InstanceNorm2d(width), nn.ReLU(True)]
+        c = width
+        for _ in range(2):
+            layers += [nn.Conv2d(c, 2 * c, 3, 2, 1), nn.InstanceNorm2d(2 * c), nn.ReLU(True)]
+            c *= 2
+        layers += [Block(c) for _ in range(n_blocks)]
+        for _ in range(2):
+            layers += [nn.ConvTranspose2d(c, c // 2, 3, 2, 1, output_padding=1), nn.InstanceNorm2d(c // 2), nn.ReLU(True)]
+            c //= 2
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(width, channels, 7), nn.Tanh()]
+        return nn.Sequential(*layers)
+
+    module = types.ModuleType("medcycle.networks")
+    module.build_generator = build_generator
+    sys.modules["medcycle.networks"] = module
+    STANDIN.append("medcycle.networks (standard CycleGAN ResNet generator)")
+
+
+# --------------------------------------------------------------------------------------------------
+# data and models
+
+
+def head_mr(shape: tuple[int, int, int], band: tuple[int, int] | None = None, seed: int = 0) -> np.ndarray:
+    """A T1-like head: scalp, dark skull, grey/white matter, ventricles, noise; air elsewhere."""
+    rng = np.random.default_rng(seed)
+    x, y, z = shape
+    gx, gy = np.meshgrid(np.linspace(-1, 1, x, dtype=np.float32), np.linspace(-1, 1, y, dtype=np.float32), indexing="ij")
+    mr = np.zeros(shape, dtype=np.float32)
+    lo, hi = band if band else (0, z)
+    for k in range(lo, hi):
+        t = (k - lo) / max(1, hi - lo - 1) * 2 - 1  # -1 .. 1 along the head
+        scale = float(np.sqrt(max(0.0, 1.0 - (0.85 * t) ** 2)))
+        if scale <= 0.05:
+            continue
+        r = np.sqrt((gx / (0.78 * scale)) ** 2 + (gy / (0.9 * scale)) ** 2)
+        sl = np.zeros((x, y), dtype=np.float32)
+        sl[r < 1.0] = 350.0  # scalp / fat
+        sl[r < 0.93] = 40.0  # skull: dark on T1
+        sl[r < 0.85] = 600.0  # grey matter
+        sl[(r < 0.6) & ((gx * 3 + gy * 2) % 0.5 > 0.2)] = 800.0  # white matter texture
+        sl[(np.abs(gx) < 0.12 * scale) & (np.abs(gy) < 0.3 * scale) & (r < 0.5)] = 120.0  # ventricles
+        mr[:, :, k] = sl
+    for k in range(lo, hi):  # noise only where the head is: slices outside a band stay exactly 0 (air)
+        sl = mr[:, :, k]
+        body = sl > 0
+        sl += rng.normal(0.0, 8.0, size=sl.shape).astype(np.float32)
+        sl[~body] = np.abs(rng.normal(0.0, 4.0, size=int((~body).sum()))).astype(np.float32)
+    return mr
+
+
+def write_volume(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> Path:
+    import nibabel as nib
+
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -np.array(array.shape) * np.array(spacing) / 2
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nib.save(image, str(path))
+    return path
+
+
+def make_checkpoint(path: Path, data: dict, model: dict, amp: str = "auto", seed: int = 0) -> Path:
+    import torch
+
+    from medcycle.checkpoint import save_checkpoint
+    from medcycle.config import Config, config_hash
+    from medcycle.networks import build_generator
+
+    config = Config.from_dict({"data": data, "model": model, "train": {"amp": amp}}).validate()
+    torch.manual_seed(seed)
+    generator = build_generator(config.model.generator, config.data.context_slices, config.model.gen_width, config.model.gen_blocks)
+    save_checkpoint(path, {
+        "config": config.to_dict(),
+        "preprocessing": {"data_config": config.to_dict()["data"], "data_config_hash": config_hash(config.data)},
+        "iteration": 0,
+        "nets": {"G_mr2ct": generator.state_dict()},
+    })
+    return path
+
+
+def demo_settings() -> tuple[dict, dict, str, str]:
+    """(data, model, amp, source) of configs/demo_cpu.yaml, or the documented demo defaults."""
+    path = ROOT / "configs" / "demo_cpu.yaml"
+    if path.is_file():
+        from medcycle.config import load_config
+
+        config = load_config(path).to_dict()
+        return config["data"], config["model"], config["train"]["amp"], str(path.relative_to(ROOT))
+    data = {"tile_size": 64, "context_slices": 3, "spacing": [1.0, 1.0]}
+    model = {"generator": "resnet", "gen_width": 32, "gen_blocks": 6}
+    return data, model, "auto", "built-in (configs/demo_cpu.yaml absent)"
+
+
+def fit_generator(source: Path, target: Path, mr: np.ndarray, seconds: float, seed: int = 0) -> tuple[Path, int]:
+    """Fit the checkpoint's generator for `seconds` (paired L1, bf16) to a CT-like map of the phantom.
+
+    Random weights amplify tiny perturbations (bf16 rounding) far more than trained weights do, so
+    the MAE of bf16 against fp32 is also reported for a briefly fitted generator.
+    """
+    import torch
+
+    from medcycle.checkpoint import load_checkpoint, save_checkpoint
+    from medcycle.config import Config
+    from medcycle.networks import build_generator
+
+    state = load_checkpoint(source)
+    config = Config.from_dict(state["config"])
+    k, tile = config.data.context_slices, config.data.tile_size
+    generator = build_generator(config.model.generator, k, config.model.gen_width, config.model.gen_blocks)
+    generator.load_state_dict(state["nets"]["G_mr2ct"])
+    lo, hi = config.data.ct_window
+    ct = np.where(mr < 20, -1000.0, np.where(mr < 80, 1200.0, np.where(mr < 200, 10.0, 40.0)))
+    ct_norm = torch.from_numpy((2 * (np.clip(ct, lo, hi) - lo) / (hi - lo) - 1).astype(np.float32))
+    mr_norm = torch.from_numpy(np.clip(mr / 800.0 * 2 - 1, -1, 1).astype(np.float32))
+    rng = np.random.default_rng(seed)
+    optimiser = torch.optim.Adam(generator.parameters(), 2e-4, betas=(0.5, 0.999))
+    x_size, y_size, z_size = mr.shape
+    started, steps = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        xs, ys = [], []
+        for _ in range(max(1, 8 * 64 * 64 // (tile * tile))):
+            z = int(rng.integers(k // 2, z_size - k // 2))
+            i, j = int(rng.integers(0, x_size - tile + 1)), int(rng.integers(0, y_size - tile + 1))
+            xs.append(mr_norm[i:i + tile, j:j + tile, z - k // 2:z + k // 2 + 1].permute(2, 0, 1))
+            ys.append(ct_norm[i:i + tile, j:j + tile, z - k // 2:z + k // 2 + 1].permute(2, 0, 1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = (generator(torch.stack(xs)).float() - torch.stack(ys)).abs().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        steps += 1
+    state["nets"]["G_mr2ct"] = generator.state_dict()
+    save_checkpoint(target, {k_: v for k_, v in state.items() if k_ not in ("format", "version")})
+    return target, steps
+
+
+# --------------------------------------------------------------------------------------------------
+# the naive loop (the seed tutorial's way)
+
+
+def naive_synthesize(generator, mr_norm, mask, config, device, batch_size):
+    """One axial slice at a time, fp32, batch 1, contiguous NCHW; same windows and blending."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from medcycle.inferers import context_stack
+
+    tile, k = config.data.tile_size, config.data.context_slices
+    centre = k // 2
+    volume = mr_norm.as_tensor() if hasattr(mr_norm, "as_tensor") else torch.as_tensor(mr_norm)
+    volume = volume.float().cpu()
+    generator = generator.to(memory_format=torch.contiguous_format).float().eval()
+    out = torch.empty_like(volume)
+    with torch.no_grad():
+        for z in range(volume.shape[-1]):
+            slice_k = context_stack(volume, k, z, z + 1)[..., 0]  # (1, k, X, Y)
+            result = sliding_window_inference(
+                slice_k, (tile, tile), 1, lambda x: generator(x)[:, centre:centre + 1],
+                overlap=0.25, mode="gaussian", padding_mode="constant", cval=-1.0,
+            )
+            out[0, :, :, z] = result[0, 0]
+    return out.clamp_(-1, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# child process: one conversion, timed, with its peak RSS
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    import pipelines.convert as convert
+
+    ensure_networks()
+    torch.set_num_threads(args.threads)
+    if args.child == "naive":
+        convert.synthesize_case = naive_synthesize
+    started = time.perf_counter()
+    convert.run(args.input, args.output, args.model, overwrite=True, batch_size=args.batch_size, device="cpu")
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    print(json.dumps({"seconds": seconds, "peak_rss": peak}))
+
+
+def run_child(mode: str, model: Path, volume: Path, output: Path, threads: int, batch_size: int) -> dict:
+    command = [sys.executable, __file__, "--child", mode, "--model", str(model), "--input", str(volume),
+               "--output", str(output), "--threads", str(threads), "--batch-size", str(batch_size)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{mode} conversion failed:\n{result.stderr[-3000:]}")
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    record["process_seconds"] = time.perf_counter() - started
+    return record
+
+
+def mae(a: Path, b: Path, body: np.ndarray) -> tuple[float, float]:
+    import nibabel as nib
+
+    x = np.asanyarray(nib.load(str(a)).dataobj).astype(np.float32)
+    y = np.asanyarray(nib.load(str(b)).dataobj).astype(np.float32)
+    diff = np.abs(x - y)
+    return float(diff[body].mean()), float(diff.mean())
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes: checks the script in seconds")
+    parser.add_argument("--slices-256", type=int, default=32, help="slices the 256-px model is timed on (default 32; 160 = all)")
+    parser.add_argument("--band", type=int, default=8, help="body slices of the 512 x 512 x 300 volume (default 8)")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--fit-seconds", type=float, default=60.0,
+                        help="also fit the demo generator this long and report its bf16-vs-fp32 MAE (0: skip)")
+    parser.add_argument("--skip-large", action="store_true", help="skip the 512 x 512 x 300 memory measurement")
+    parser.add_argument("--child", choices=("fast", "naive"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    import torch
+
+    from medcycle.inferers import autocast_dtype
+
+    ensure_networks()
+    if args.quick:
+        args.fit_seconds = min(args.fit_seconds, 5.0)
+    size, slices = ((96, 96, 24), 8) if args.quick else ((256, 256, 160), min(args.slices_256, 160))
+    large = (128, 128, 60) if args.quick else (512, 512, 300)
+    demo_data, demo_model, demo_amp, demo_source = demo_settings()
+    big_data = {"tile_size": 96 if args.quick else 256, "context_slices": 1, "spacing": [1.0, 1.0]}
+    big_model = {"generator": "resnet", "gen_width": 64, "gen_blocks": 9}
+    dtype = autocast_dtype("auto", "cpu")
+    print(f"medcycle convert benchmark: torch {torch.__version__}, {args.threads} threads, CPU bf16 autocast: "
+          f"{'yes' if dtype == torch.bfloat16 else 'no'}; demo config: {demo_source}")
+    if STANDIN:
+        print("NOTE: not available yet, stand-ins used: " + "; ".join(STANDIN))
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
+        tmp = Path(tmp)
+        mr = head_mr(size)
+        body_full = mr > 20
+        full_path = write_volume(tmp / "mr_full.nii.gz", mr)
+        z0 = (size[2] - slices) // 2
+        part_path = write_volume(tmp / "mr_part.nii.gz", np.ascontiguousarray(mr[:, :, z0:z0 + slices]))
+        body_part = body_full[:, :, z0:z0 + slices]
+
+        models = [
+            ("256-px (w64, 9 blocks, tile %d)" % big_data["tile_size"], make_checkpoint(tmp / "big.pt", big_data, big_model), part_path, body_part, slices),
+            ("demo (w%d, %d blocks, tile %d, ctx %d)" % (demo_model["gen_width"], demo_model["gen_blocks"], demo_data["tile_size"], demo_data["context_slices"]),
+             make_checkpoint(tmp / "demo.pt", demo_data, {**demo_model}, amp=demo_amp), full_path, body_full, size[2]),
+        ]
+        for label, model, volume, body, measured in models:
+            fast = run_child("fast", model, volume, tmp / "fast.nii.gz", args.threads, args.batch_size)
+            naive = run_child("naive", model, volume, tmp / "naive.nii.gz", args.threads, args.batch_size)
+            mae_body, mae_all = mae(tmp / "fast.nii.gz", tmp / "naive.nii.gz", body)
+            scale = size[2] / measured
+            rows.append((label, measured, scale, fast, naive, mae_body, mae_all))
+            print(f"  measured {label}: fast {fast['seconds']:.1f}s, naive {naive['seconds']:.1f}s on {measured} slices", flush=True)
+
+        fitted_row = None
+        if args.fit_seconds > 0:
+            fitted, steps = fit_generator(models[1][1], tmp / "demo_fitted.pt", mr, args.fit_seconds)
+            fast = run_child("fast", fitted, part_path, tmp / "fast.nii.gz", args.threads, args.batch_size)
+            naive = run_child("naive", fitted, part_path, tmp / "naive.nii.gz", args.threads, args.batch_size)
+            fitted_row = (steps, slices, fast, naive, *mae(tmp / "fast.nii.gz", tmp / "naive.nii.gz", body_part))
+            print(f"  measured fitted demo model ({steps} steps): MAE {fitted_row[4]:.2f} HU in the body", flush=True)
+
+        large_row = None
+        if not args.skip_large:
+            band = (large[2] // 2 - args.band // 2, large[2] // 2 + args.band // 2)
+            big = head_mr(large, band=band)
+            large_path = write_volume(tmp / "mr_large.nii", big)
+            del big
+            large_row = run_child("fast", models[0][1], large_path, tmp / "large_sct.nii.gz", args.threads, args.batch_size)
+
+    shape = "x".join(map(str, size))
+    print(f"\nconvert {shape} MRI (1 mm), end to end (read -> sCT NIfTI), {args.threads} CPU threads")
+    print("| model | slices timed | naive fp32 s | fast s | speed-up | naive peak RSS | fast peak RSS | MAE body HU | MAE all HU |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, measured, scale, fast, naive, mae_body, mae_all in rows:
+        note = "" if scale == 1 else f" (x{scale:g} from {measured})"
+        print(f"| {label} | {size[2]}{note} | {naive['seconds'] * scale:.1f} | {fast['seconds'] * scale:.1f} | "
+              f"{naive['seconds'] / fast['seconds']:.2f}x | {naive['peak_rss'] / GiB:.2f} GiB | {fast['peak_rss'] / GiB:.2f} GiB | "
+              f"{mae_body:.2f} | {mae_all:.2f} |")
+    if fitted_row:
+        steps, measured, fast, naive, mae_body, mae_all = fitted_row
+        print(f"| demo, fitted {args.fit_seconds:g} s ({steps} steps, paired L1 on the phantom) | {measured} (MAE only) | "
+              f"{naive['seconds']:.1f} | {fast['seconds']:.1f} | {naive['seconds'] / fast['seconds']:.2f}x | "
+              f"{naive['peak_rss'] / GiB:.2f} GiB | {fast['peak_rss'] / GiB:.2f} GiB | {mae_body:.2f} | {mae_all:.2f} |")
+    if large_row:
+        print(f"\n{'x'.join(map(str, large))} volume, 256-px model, fast path: peak RSS {large_row['peak_rss'] / GiB:.2f} GiB "
+              f"(target < 4 GiB), {large_row['seconds']:.1f}s with body in {args.band} slices")
+    print("targets: MAE < 5 HU, speed-up >= 2x, 512x512x300 peak < 4 GiB")
+
+
+if __name__ == "__main__":
+    main()

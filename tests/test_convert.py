@@ -1,0 +1,581 @@
+"""`medcycle convert`: an MRI becomes an int16 sCT NIfTI on the input's exact grid.
+
+Tiny volumes and a tiny generator (width 4, 1 block) so the whole file runs in seconds on 2 cores.
+When `medcycle.networks` or `medcycle.transforms` is not importable (other developers' modules under
+construction) the tests install minimal stand-ins that follow the documented contracts.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import types
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+
+from medcycle.checkpoint import save_checkpoint
+from medcycle.config import Config, config_hash
+from medcycle.errors import InputError, MedcycleError, UsageError
+from medcycle.io import file_checksum, ras_affine_to_sitk, sitk_to_ras_affine
+
+# --------------------------------------------------------------------------------------------------
+# stand-ins for modules written by other developers (used only while the real ones are missing)
+
+
+def _standin_networks() -> types.ModuleType:
+    module = types.ModuleType("medcycle.networks")
+
+    def build_generator(kind, channels, width, n_blocks):
+        layers = [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.InstanceNorm2d(width), torch.nn.ReLU()]
+        for _ in range(n_blocks):
+            layers += [torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.InstanceNorm2d(width), torch.nn.ReLU()]
+        layers += [torch.nn.Conv2d(width, channels, 3, padding=1), torch.nn.Tanh()]
+        return torch.nn.Sequential(*layers)
+
+    module.build_generator = build_generator
+    return module
+
+
+def _standin_transforms() -> types.ModuleType:
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, MapTransform, Orientationd, ScaleIntensityRangePercentilesd, Spacingd
+
+    from medcycle.io import load_volume
+
+    module = types.ModuleType("medcycle.transforms")
+
+    class Load(MapTransform):
+        def __call__(self, data):
+            d = dict(data)
+            for key in self.key_iterator(d):
+                vol = load_volume(d[key], allow_constant=key == "mask")
+                d[key] = MetaTensor(torch.from_numpy(vol.array[None].copy()), affine=torch.as_tensor(vol.affine))
+            return d
+
+    class BodyMask(MapTransform):
+        def __call__(self, data):
+            d = dict(data)
+            if "mask" not in d:
+                mr = d["mr"]
+                d["mask"] = (mr > 0.1 * float(np.percentile(mr.numpy(), 99))).float()
+            return d
+
+    def volume_transforms(cfg, keys):
+        keys = list(keys)
+        return Compose([
+            Load(keys),
+            Orientationd(keys, axcodes=cfg.orientation),
+            Spacingd(keys, pixdim=(*cfg.spacing, -1), mode=["bilinear" if k == "mr" else "nearest" for k in keys]),
+            BodyMask(keys),
+            ScaleIntensityRangePercentilesd("mr", *cfg.mr_percentiles, b_min=-1.0, b_max=1.0, clip=True),
+        ])
+
+    module.volume_transforms = volume_transforms
+    return module
+
+
+@pytest.fixture(autouse=True)
+def standins(monkeypatch):
+    try:
+        from medcycle.networks import build_generator  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "medcycle.networks", _standin_networks())
+    try:
+        from medcycle.transforms import volume_transforms  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "medcycle.transforms", _standin_transforms())
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def make_checkpoint(path: Path, tile: int = 16, context: int = 1, amp: str = "none", **state_extra) -> Path:
+    from medcycle.networks import build_generator
+
+    config = Config.from_dict({
+        "data": {"tile_size": tile, "context_slices": context, "spacing": [1.0, 1.0]},
+        "model": {"gen_width": 4, "gen_blocks": 1, "disc_width": 4, "disc_layers": 1},
+        "train": {"amp": amp},
+    }).validate()
+    generator = build_generator(config.model.generator, context, 4, 1)
+    state = {
+        "config": config.to_dict(),
+        "preprocessing": {"data_config": config.to_dict()["data"], "data_config_hash": config_hash(config.data)},
+        "iteration": 1,
+        "nets": {"G_mr2ct": generator.state_dict()},
+    }
+    state.update(state_extra)
+    return save_checkpoint(path, state)
+
+
+def phantom_mr(shape) -> np.ndarray:
+    """A head-like MR: ellipsoid body (500) holding a bright box (1000) in one corner, air 0."""
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    body = (grid[0] / 0.8) ** 2 + (grid[1] / 0.75) ** 2 + (grid[2] / 1.3) ** 2 <= 1.0
+    mr = np.where(body, 500.0, 0.0).astype(np.float32)
+    x, y = shape[0], shape[1]
+    mr[int(0.25 * x): int(0.5 * x), int(0.3 * y): int(0.6 * y), :] = 1000.0
+    mr[~body] = 0.0
+    return mr
+
+
+def oblique_affine(spacing=(0.8, 1.3, 2.5), angles=(12.0, -8.0, 20.0), origin=(-30.5, 12.25, -7.0)) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    affine = np.eye(4)
+    affine[:3, :3] = Rotation.from_euler("xyz", angles, degrees=True).as_matrix() @ np.diag(spacing)
+    affine[:3, 3] = origin
+    return affine
+
+
+def flipped_affine() -> np.ndarray:
+    """Non-RAS, permuted voxel order: axis 0 runs inferior (2 mm), axis 1 left, axis 2 anterior."""
+    affine = np.zeros((4, 4))
+    affine[0, 1] = -0.9
+    affine[1, 2] = 1.1
+    affine[2, 0] = -2.0
+    affine[:3, 3] = (20.0, -15.0, 30.0)
+    affine[3, 3] = 1.0
+    return affine
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, qform_code: int = 1, sform_code: int = 2) -> Path:
+    image = nib.Nifti1Image(array.astype(np.float32), affine)
+    image.set_sform(affine, code=sform_code)
+    image.set_qform(affine, code=qform_code)
+    nib.save(image, str(path))
+    return path
+
+
+def write_sitk(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    image = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)).astype(np.float32))
+    origin, spacing, direction = ras_affine_to_sitk(affine)
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def sitk_geometry(path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path)))
+        image = reader.Execute()
+    else:
+        image = sitk.ReadImage(str(path))
+    return sitk_to_ras_affine(image), tuple(image.GetSize())
+
+
+class Identity(torch.nn.Module):
+    def forward(self, x):
+        return x
+
+
+class Constant(torch.nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return torch.full_like(x, self.value)
+
+
+def use_generator(monkeypatch, module: torch.nn.Module) -> None:
+    """Keep the checkpoint's config but replace its generator."""
+    import medcycle.checkpoint
+
+    real = medcycle.checkpoint.load_generator
+
+    def fake(path, device="cpu", direction="G_mr2ct"):
+        _, config, state = real(path, device, direction)
+        return module, config, state
+
+    monkeypatch.setattr(medcycle.checkpoint, "load_generator", fake)
+
+
+def convert(*args, **kwargs):
+    from pipelines.convert import run
+
+    return run(*args, **kwargs)
+
+
+def interior(mask: np.ndarray, margin: int = 2) -> np.ndarray:
+    from scipy.ndimage import binary_erosion
+
+    return binary_erosion(mask, iterations=margin)
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry
+
+
+@pytest.mark.parametrize("affine_kind", ["oblique", "flipped"])
+def test_nifti_output_has_the_input_grid(tmp_path, affine_kind):
+    affine = oblique_affine() if affine_kind == "oblique" else flipped_affine()
+    shape = (40, 30, 8) if affine_kind == "oblique" else (8, 40, 30)
+    mr = write_nifti(tmp_path / "mr.nii.gz", phantom_mr(shape), affine)
+    model = make_checkpoint(tmp_path / "model.pt", tile=16)
+    records = convert(mr, tmp_path / "sct.nii.gz", model)
+    assert records[0]["status"] == "converted"
+    src, out = nib.load(str(mr)), nib.load(str(tmp_path / "sct.nii.gz"))
+    assert out.shape == src.shape
+    assert out.get_data_dtype() == np.int16
+    for name in ("get_sform", "get_qform"):
+        (a, code_a), (b, code_b) = getattr(src.header, name)(coded=True), getattr(out.header, name)(coded=True)
+        assert int(code_a) == int(code_b)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    hu = np.asanyarray(out.dataobj)
+    assert hu.min() >= -1024 and hu.max() <= 3000
+
+
+@pytest.mark.parametrize("kind", ["mha", "dicom"])
+def test_mha_and_dicom_inputs_keep_simpleitk_geometry(tmp_path, kind):
+    from medcycle.dicom import write_ct_series
+
+    affine = oblique_affine(spacing=(0.9, 1.2, 2.0))
+    array = phantom_mr((36, 28, 6))
+    if kind == "mha":
+        source = write_sitk(tmp_path / "mr.mha", array, affine)
+    else:
+        source = tmp_path / "mr_dicom"
+        write_ct_series(source, array, affine)
+    model = make_checkpoint(tmp_path / "model.pt", tile=16)
+    before = file_checksum(source)
+    convert(source, tmp_path / "sct.nii.gz", model)
+    assert file_checksum(source) == before
+    out = nib.load(str(tmp_path / "sct.nii.gz"))
+    expected_affine, size = sitk_geometry(source)
+    assert out.shape == size
+    np.testing.assert_allclose(out.affine, expected_affine, atol=1e-4)
+    np.testing.assert_allclose(out.header.get_qform(), expected_affine, atol=1e-4)
+    assert out.get_data_dtype() == np.int16
+
+
+# --------------------------------------------------------------------------------------------------
+# values: HU mapping, resampling back, masks
+
+
+def test_identity_generator_maps_known_values_to_hu_on_the_original_grid(tmp_path, monkeypatch):
+    """The bright box normalises to +1, so an identity generator must give ct_window[1] exactly there."""
+    use_generator(monkeypatch, Identity())
+    affine = flipped_affine()
+    shape = (10, 44, 36)
+    array = np.transpose(phantom_mr((44, 36, 10)), (2, 0, 1)).copy()  # any voxel order: it is a NIfTI
+    mr = write_nifti(tmp_path / "mr.nii.gz", array, affine)
+    model = make_checkpoint(tmp_path / "model.pt", tile=16, context=3)
+    convert(mr, tmp_path / "sct.nii.gz", model, no_mask=True)
+    hu = np.asanyarray(nib.load(str(tmp_path / "sct.nii.gz")).dataobj)
+    assert hu.shape == shape
+    bright, body = array == 1000.0, array > 0
+    np.testing.assert_array_equal(hu[interior(bright, 1)], 3000)
+    assert (hu[interior(body & ~bright, 2)] < 2900).all()  # darker tissue stays darker, in the right place
+    assert (hu[interior(~body, 2)] == -1024).all()  # air: normalised -1 -> ct_window[0]
+
+
+@pytest.mark.parametrize("value,expected", [(0.5, 1994.0), (-0.25, 485.0)])
+def test_constant_output_hu_and_minus_1000_outside_the_body(tmp_path, monkeypatch, value, expected):
+    # ct_window (-1024, 3000): hu = (v + 1) / 2 * 4024 - 1024
+    use_generator(monkeypatch, Constant(value))
+    array = phantom_mr((40, 30, 8))
+    mr = write_nifti(tmp_path / "mr.nii.gz", array, oblique_affine())
+    model = make_checkpoint(tmp_path / "model.pt", tile=16)
+
+    convert(mr, tmp_path / "computed.nii.gz", model)
+    hu = np.asanyarray(nib.load(str(tmp_path / "computed.nii.gz")).dataobj)
+    body = array > 0
+    assert (hu[interior(body)] == expected).all()
+    assert (hu[interior(~body)] == -1000).all()
+    assert set(np.unique(hu)) <= {-1000, int(expected)}
+
+    mask = np.zeros_like(array)
+    mask[5:20, 5:25, 2:6] = 1
+    mask_path = write_nifti(tmp_path / "mask.nii.gz", mask, oblique_affine())
+    convert(mr, tmp_path / "given.nii.gz", model, mask=mask_path)
+    hu = np.asanyarray(nib.load(str(tmp_path / "given.nii.gz")).dataobj)
+    np.testing.assert_array_equal(hu, np.where(mask > 0, expected, -1000))
+
+    convert(mr, tmp_path / "nomask.nii.gz", model, no_mask=True)
+    hu = np.asanyarray(nib.load(str(tmp_path / "nomask.nii.gz")).dataobj)
+    assert (hu == expected).all()
+
+
+@pytest.mark.parametrize("tile,shape,context", [(16, (40, 34, 6), 1), (32, (18, 14, 5), 1), (16, (40, 34, 6), 3), (32, (18, 14, 5), 3)])
+def test_sliding_window_padding_and_25d(tmp_path, monkeypatch, tile, shape, context):
+    """Slices larger than the tile (sliding window) and smaller (padding), 2D and 2.5D, real tiny nets."""
+    array = phantom_mr(shape)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    mr = write_nifti(tmp_path / "mr.nii.gz", array, affine)
+    model = make_checkpoint(tmp_path / "model.pt", tile=tile, context=context)
+    convert(mr, tmp_path / "sct.nii.gz", model)
+    hu = np.asanyarray(nib.load(str(tmp_path / "sct.nii.gz")).dataobj)
+    assert hu.shape == shape and hu.dtype == np.int16
+    assert (hu[interior(array == 0)] == -1000).all()
+    assert np.unique(hu[interior(array > 0)]).size > 3  # the network's output, not a constant
+
+    use_generator(monkeypatch, Identity())
+    convert(mr, tmp_path / "identity.nii.gz", model, no_mask=True, overwrite=True)
+    hu = np.asanyarray(nib.load(str(tmp_path / "identity.nii.gz")).dataobj)
+    np.testing.assert_array_equal(hu[array == 1000.0], 3000)
+
+
+def test_synthesize_25d_takes_the_centre_channel_with_edge_replication():
+    from medcycle.inferers import context_stack, synthesize
+
+    volume = torch.linspace(-1, 1, 7).view(1, 1, 1, 7).expand(1, 20, 12, 7).contiguous()
+    stack = context_stack(volume, 3)
+    assert stack.shape == (1, 3, 20, 12, 7)
+    np.testing.assert_allclose(stack[0, :, 0, 0, 0], [-1.0, -1.0, -2 / 3], atol=1e-6)  # edge replicated
+    np.testing.assert_allclose(stack[0, :, 0, 0, 6], [2 / 3, 1.0, 1.0], atol=1e-6)
+
+    class ShiftedChannels(torch.nn.Module):  # output channel c = input channel c, so the centre is the slice
+        def forward(self, x):
+            return x
+
+    for tile in (8, 16, 32):
+        out = synthesize(ShiftedChannels(), volume, tile_size=tile, context_slices=3, batch_size=3)
+        torch.testing.assert_close(out, volume, atol=1e-6, rtol=0)
+
+
+def test_synthesize_skips_windows_without_body_and_runs_bf16(monkeypatch):
+    from medcycle import inferers
+
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x):
+            calls.append((x.shape[0], x.dtype, x.is_contiguous(memory_format=torch.channels_last)))
+            return x * 0.5
+
+    volume = torch.rand(1, 48, 48, 4) * 2 - 1
+    mask = torch.zeros_like(volume)
+    mask[:, :10, :10, 1] = 1
+    out = inferers.synthesize(Counting(), volume, tile_size=16, batch_size=64, mask=mask, channels_last=True)
+    assert sum(n for n, _, _ in calls) < 16  # only windows touching the body of slice 1
+    assert calls[0][2]
+    torch.testing.assert_close(out[0, :8, :8, 1], volume[0, :8, :8, 1] * 0.5)
+    assert (out[..., 0] == -1).all()
+
+    monkeypatch.setattr(inferers, "_cpu_supports_bf16", lambda: True)
+    assert inferers.autocast_dtype("auto", "cpu") == torch.bfloat16
+    assert inferers.autocast_dtype("none", "cpu") is None
+    model = torch.nn.Conv2d(1, 1, 3, padding=1)
+    out = inferers.synthesize(model, volume, tile_size=16, amp="bf16")
+    assert out.dtype == torch.float32 and out.shape == volume.shape
+
+
+# --------------------------------------------------------------------------------------------------
+# folder mode
+
+
+def _synthrad(root: Path, names, bad: str | None = None) -> Path:
+    for name in names:
+        case = root / name
+        case.mkdir(parents=True)
+        if name == bad:
+            write_nifti(case / "mr.nii.gz", np.random.rand(12, 10, 1).astype(np.float32), np.eye(4))  # 2D
+        else:
+            array = phantom_mr((30, 26, 5))
+            write_nifti(case / "mr.nii.gz", array, oblique_affine(spacing=(1.0, 1.1, 2.0)))
+            write_nifti(case / "mask.nii.gz", (array > 0).astype(np.float32), oblique_affine(spacing=(1.0, 1.1, 2.0)))
+    return root
+
+
+def test_folder_mode_goes_on_past_a_bad_case_then_fails_and_skips_on_rerun(tmp_path, capsys):
+    data = _synthrad(tmp_path / "data", ["case_a", "case_b", "case_c"], bad="case_b")
+    before = file_checksum(data)
+    model = make_checkpoint(tmp_path / "model.pt", tile=16)
+    out = tmp_path / "sct"
+    with pytest.raises(MedcycleError) as info:
+        convert(data, out, model)
+    assert info.value.exit_code == 1 and "case_b" in str(info.value)
+    assert (out / "case_a" / "sct.nii.gz").is_file() and (out / "case_c" / "sct.nii.gz").is_file()
+    assert not (out / "case_b").exists() or not any((out / "case_b").iterdir())
+    assert "2 converted" in capsys.readouterr().out
+    assert file_checksum(data) == before
+
+    (data / "case_b" / "mr.nii.gz").unlink()
+    _synthrad(tmp_path / "fix", ["case_b"])
+    os.replace(tmp_path / "fix" / "case_b" / "mr.nii.gz", data / "case_b" / "mr.nii.gz")
+    os.replace(tmp_path / "fix" / "case_b" / "mask.nii.gz", data / "case_b" / "mask.nii.gz")
+    mtime = (out / "case_a" / "sct.nii.gz").stat().st_mtime_ns
+    records = convert(data, out, model)
+    assert [r["status"] for r in records] == ["skipped", "converted", "skipped"]
+    assert (out / "case_a" / "sct.nii.gz").stat().st_mtime_ns == mtime
+    records = convert(data, out, model, overwrite=True)
+    assert [r["status"] for r in records] == ["converted"] * 3
+
+
+def test_flat_folder_of_volumes(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    write_nifti(flat / "p1.nii.gz", phantom_mr((30, 26, 5)), np.diag([1.0, 1.0, 2.0, 1.0]))
+    write_sitk(flat / "p2.mha", phantom_mr((26, 30, 5)), oblique_affine(spacing=(1.0, 1.0, 2.0)))
+    p1_mask = np.zeros((30, 26, 5), dtype=np.float32)
+    p1_mask[10:20, 10:20, 1:4] = 1
+    write_nifti(flat / "p1_mask.nii.gz", p1_mask, np.diag([1.0, 1.0, 2.0, 1.0]))
+    (flat / "notes.txt").write_text("not a volume")
+    model = make_checkpoint(tmp_path / "model.pt", tile=16)
+    records = convert(flat, tmp_path / "out", model, dicom_out=tmp_path / "dicom")
+    assert sorted(Path(r["output"]).name for r in records) == ["p1_sct.nii.gz", "p2_sct.nii.gz"]
+    assert (tmp_path / "dicom" / "p2").is_dir()
+    p1 = np.asanyarray(nib.load(str(tmp_path / "out" / "p1_sct.nii.gz")).dataobj)
+    assert (p1[p1_mask == 0] == -1000).all() and (p1[p1_mask > 0] > -1000).any()  # p1_mask.nii.gz used
+    affine, size = sitk_geometry(flat / "p2.mha")
+    out = nib.load(str(tmp_path / "out" / "p2_sct.nii.gz"))
+    assert out.shape == size
+    np.testing.assert_allclose(out.affine, affine, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------------
+# DICOM output
+
+
+def test_dicom_out_reads_back_in_simpleitk_and_pydicom(tmp_path):
+    array = phantom_mr((30, 24, 6))
+    affine = oblique_affine(spacing=(0.7, 1.3, 2.5))
+    mr = write_nifti(tmp_path / "mr.nii.gz", array, affine)
+    model = make_checkpoint(tmp_path / "model.pt", tile=16)
+    convert(mr, tmp_path / "sct.nii.gz", model, dicom_out=tmp_path / "sct_dicom")
+    hu = np.asanyarray(nib.load(str(tmp_path / "sct.nii.gz")).dataobj).astype(np.int32)
+
+    folder = tmp_path / "sct_dicom"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)))
+    image = reader.Execute()
+    np.testing.assert_allclose(sitk_to_ras_affine(image), affine, atol=1e-4)
+    np.testing.assert_array_equal(np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)), hu)
+
+    files = sorted(folder.glob("*.dcm"))
+    assert len(files) == 6
+    ds = pydicom.dcmread(str(files[3]))
+    assert ds.Modality == "CT" and ds.SeriesDescription == "medcycle synthetic CT"
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+    np.testing.assert_array_equal(ds.pixel_array.T * float(ds.RescaleSlope) + float(ds.RescaleIntercept), hu[:, :, 3])
+
+    with pytest.raises(InputError, match="already exists"):  # the NIfTI exists: refused before any work
+        convert(mr, tmp_path / "sct.nii.gz", model, dicom_out=folder)
+    convert(mr, tmp_path / "sct.nii.gz", model, dicom_out=folder, overwrite=True)
+    assert len(list(folder.glob("*.dcm"))) == 6
+
+
+def test_dicom_input_gives_reference_tags_to_dicom_output(tmp_path):
+    from medcycle.dicom import write_ct_series
+
+    source = tmp_path / "mr_dicom"
+    ref = pydicom.Dataset()
+    ref.PatientName, ref.PatientID, ref.StudyDescription = "Doe^Jane", "P001", "head MR"
+    write_ct_series(source, phantom_mr((24, 20, 5)), oblique_affine(spacing=(1.0, 1.0, 2.0)), reference=ref)
+    model = make_checkpoint(tmp_path / "model.pt", tile=16)
+    convert(source, tmp_path / "sct.nii.gz", model, dicom_out=tmp_path / "sct_dicom")
+    src = pydicom.dcmread(str(sorted(source.glob("*.dcm"))[0]))
+    out = pydicom.dcmread(str(sorted((tmp_path / "sct_dicom").glob("*.dcm"))[0]))
+    assert out.PatientID == "P001" and str(out.PatientName) == "Doe^Jane"
+    assert out.StudyInstanceUID != src.StudyInstanceUID and out.SeriesInstanceUID != src.SeriesInstanceUID
+    assert out.FrameOfReferenceUID == src.FrameOfReferenceUID
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input: one clear line, non-zero exit, nothing partial written, input untouched
+
+
+@pytest.fixture
+def case(tmp_path):
+    mr = write_nifti(tmp_path / "mr.nii.gz", phantom_mr((30, 26, 5)), oblique_affine())
+    return mr, make_checkpoint(tmp_path / "model.pt", tile=16)
+
+
+def _assert_refused(tmp_path, mr, call, error=MedcycleError, match=None, leftover_ok=()):
+    before = file_checksum(mr)
+    listing = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(error, match=match) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and message
+    assert file_checksum(mr) == before
+    after = sorted(p.name for p in tmp_path.rglob("*"))
+    assert [n for n in after if n not in listing and n not in leftover_ok] == []  # no partial output, no temp
+    return info.value
+
+
+def test_refuses_data_that_is_not_3d(tmp_path, case):
+    _, model = case
+    flat = write_nifti(tmp_path / "flat.nii.gz", np.random.rand(20, 20, 1).astype(np.float32), np.eye(4))
+    four = tmp_path / "four.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(8, 8, 4, 3).astype(np.float32), np.eye(4)), str(four))
+    for bad in (flat, four):
+        _assert_refused(tmp_path, bad, lambda: convert(bad, tmp_path / "out.nii.gz", model), InputError, "3D")
+
+
+def test_refuses_foreign_and_incomplete_checkpoints(tmp_path, case):
+    mr, _ = case
+    torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
+    incomplete = make_checkpoint(tmp_path / "old.pt")
+    state = torch.load(incomplete, weights_only=False)
+    del state["preprocessing"]
+    torch.save(state, incomplete)
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    _assert_refused(tmp_path, mr, lambda: convert(mr, tmp_path / "o.nii.gz", tmp_path / "foreign.pt"), InputError, "not a medcycle checkpoint")
+    _assert_refused(tmp_path, mr, lambda: convert(mr, tmp_path / "o.nii.gz", incomplete), InputError, "preprocessing")
+    _assert_refused(tmp_path, mr, lambda: convert(mr, tmp_path / "o.nii.gz", tmp_path / "junk.pt"), InputError)
+
+
+def test_refuses_output_equal_to_input_and_existing_output(tmp_path, case):
+    mr, model = case
+    _assert_refused(tmp_path, mr, lambda: convert(mr, mr, model, overwrite=True), InputError, "is the input")
+    existing = tmp_path / "sct.nii.gz"
+    existing.write_bytes(b"keep me")
+    _assert_refused(tmp_path, mr, lambda: convert(mr, existing, model), InputError, "already exists")
+    assert existing.read_bytes() == b"keep me"
+    _assert_refused(tmp_path, mr, lambda: convert(mr, tmp_path / "sct.mha", model), UsageError)
+
+
+def test_refuses_unwritable_output_folder(tmp_path, case):
+    mr, model = case
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o555)
+        try:
+            _assert_refused(tmp_path, mr, lambda: convert(mr, locked / "sct.nii.gz", model), InputError, "writable")
+        finally:
+            locked.chmod(0o755)
+    # root ignores permissions: an output whose parent is a file cannot be created either
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    _assert_refused(tmp_path, mr, lambda: convert(mr, blocker / "sub" / "sct.nii.gz", model), InputError)
+
+
+def test_full_disk_leaves_no_partial_file(tmp_path, case, monkeypatch):
+    mr, model = case
+    real_save = nib.save
+
+    def full(image, filename):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(nib, "save", full)
+    _assert_refused(tmp_path, mr, lambda: convert(mr, tmp_path / "out" / "sct.nii.gz", model), InputError,
+                    "No space left", leftover_ok=("out",))
+    assert not (tmp_path / "out" / "sct.nii.gz").exists()
+    monkeypatch.setattr(nib, "save", real_save)
+
+
+def test_cli_prints_one_line_and_exits_non_zero(tmp_path, case, capsys):
+    from medcycle.cli import main
+
+    mr, model = case
+    code = main(["convert", "-i", str(mr), "-o", str(mr), "-m", str(model)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "is the input" in err[0]
+    code = main(["convert", "-i", str(tmp_path / "missing.nii.gz"), "-o", str(tmp_path / "o.nii.gz"), "-m", str(model)])
+    assert code == 1
+    code = main(["convert", "-i", str(mr), "-o", str(tmp_path / "o.nii.gz"), "-m", str(model), "--batch-size", "2"])
+    assert code == 0 and (tmp_path / "o.nii.gz").is_file()

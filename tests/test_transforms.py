@@ -1,0 +1,335 @@
+"""medcycle.transforms: body mask, MR/CT normalisation, the shared volume chain, its inverse, tiles."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import ResampleToMatch
+
+from medcycle.config import DataConfig
+from medcycle.errors import InputError
+from medcycle.transforms import (
+    BodyMaskd,
+    LoadVolumed,
+    NormalizeMRd,
+    compute_body_mask,
+    extract_tiles,
+    invert_to_original,
+    plan_tiles,
+    to_original_grid,
+    volume_transforms,
+)
+
+# --------------------------------------------------------------------------------------------------
+# a synthetic head: bright scalp, dark skull, brain, an air sinus inside, noisy background
+
+
+def synthetic_head(shape=(40, 36, 14), seed=0, noise=12.0):
+    """(mr, ct, truth) arrays (X, Y, Z): MR in scanner units, CT in HU, the true body as a boolean."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = (grid[0] / 0.8) ** 2 + (grid[1] / 0.75) ** 2 + (grid[2] / 1.6) ** 2
+    body = r <= 1.0
+    skull = (r > 0.55) & (r <= 0.78)
+    brain = r <= 0.55
+    sinus = ((grid[0] - 0.1) ** 2 + (grid[1] + 0.35) ** 2 <= 0.12**2) & (np.abs(grid[2]) < 0.5)
+    mr = np.zeros(shape)
+    mr[body] = 700.0
+    mr[skull] = 40.0  # cortical bone: dark in MR
+    mr[brain] = 420.0 + 60.0 * grid[0][brain]
+    mr[sinus] = 0.0  # air inside the head
+    mr = np.abs(mr + rng.normal(0.0, noise, shape))  # Rician-like background noise
+    ct = np.full(shape, -1000.0)
+    ct[body] = 30.0
+    ct[skull] = 1400.0
+    ct[brain] = 35.0
+    ct[sinus] = -1000.0
+    return mr.astype(np.float32), ct.astype(np.float32), body, skull, sinus
+
+
+def write(path: Path, array: np.ndarray, affine: np.ndarray, dtype=np.float32) -> Path:
+    image = nib.Nifti1Image(np.asarray(array).astype(dtype), affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    nib.save(image, str(path))
+    return path
+
+
+def oblique_lps_affine() -> np.ndarray:
+    """Voxel axes roughly L, P, S (flipped in-plane), rotated, 0.8 x 0.8 x 3 mm."""
+    from scipy.spatial.transform import Rotation
+
+    affine = np.eye(4)
+    affine[:3, :3] = Rotation.from_euler("z", 7.0, degrees=True).as_matrix() @ np.diag([-0.8, -0.8, 3.0])
+    affine[:3, 3] = (15.0, 22.5, -10.0)
+    return affine
+
+
+def tiny_cfg(**changes) -> DataConfig:
+    values = dict(spacing=(1.0, 1.0), tile_size=32, context_slices=1, min_body_fraction=0.05)
+    values.update(changes)
+    return DataConfig(**values)
+
+
+# --------------------------------------------------------------------------------------------------
+# body mask
+
+
+@pytest.mark.parametrize("factor", [1, 2])
+def test_body_mask_keeps_dark_bone_and_sinus_and_drops_background_noise(factor):
+    mr, _, body, skull, sinus = synthetic_head(shape=(48, 44, 14))
+    mask = compute_body_mask(mr, in_plane_factor=factor)
+    assert mask.dtype == bool
+    assert mask[skull].mean() > 0.99  # dark cortical bone inside the head
+    assert mask[sinus].all()  # air inside the head
+    dice = 2 * (mask & body).sum() / (mask.sum() + body.sum())
+    assert dice > 0.95
+    from scipy import ndimage
+
+    far = ~ndimage.binary_dilation(body, iterations=2)
+    assert not mask[far].any()  # background noise is never body
+
+
+def test_body_mask_of_noise_only_background_and_empty_volume():
+    assert not compute_body_mask(np.zeros((8, 8, 4), dtype=np.float32)).any()
+    mr, _, body, _, _ = synthetic_head(noise=40.0)
+    mask = compute_body_mask(mr)
+    assert (mask & body).sum() / body.sum() > 0.97 and (mask & ~body).sum() / body.sum() < 0.1
+
+
+def test_body_mask_from_ct_for_a_ct_only_case():
+    _, ct, body, skull, sinus = synthetic_head()
+    tensor = MetaTensor(torch.from_numpy(ct[None]), affine=torch.eye(4))
+    out = BodyMaskd(source_keys=("mr", "ct"))({"ct": tensor})
+    mask = out["mask"].numpy()[0] > 0
+    assert mask[skull].all() and mask[sinus].all()
+    assert 2 * (mask & body).sum() / (mask.sum() + body.sum()) > 0.95
+    assert out["mask"].meta["mask_source"] == "computed from ct"
+
+
+def test_given_mask_is_binarised_and_an_empty_one_refused(tmp_path):
+    values = np.zeros((1, 6, 6, 4), dtype=np.float32)
+    values[0, 1:4, 1:4, 1:3] = 7.0
+    given = MetaTensor(torch.from_numpy(values), affine=torch.eye(4), meta={"filename_or_obj": "m.nii.gz"})
+    image = MetaTensor(torch.rand(1, 6, 6, 4), affine=torch.eye(4))
+    out = BodyMaskd()({"mr": image, "mask": given})
+    assert set(np.unique(out["mask"].numpy())) == {0.0, 1.0}
+    np.testing.assert_array_equal(out["mask"].numpy() > 0, values > 0)
+    empty = MetaTensor(torch.zeros(1, 6, 6, 4), affine=torch.eye(4), meta={"filename_or_obj": "empty_mask.nii.gz"})
+    with pytest.raises(InputError, match="empty_mask.nii.gz: the mask is empty"):
+        BodyMaskd()({"mr": image, "mask": empty})
+
+
+# --------------------------------------------------------------------------------------------------
+# intensities
+
+
+def test_mr_normalisation_uses_percentiles_inside_the_body():
+    mr, _, body, _, _ = synthetic_head()
+    mask = MetaTensor(torch.from_numpy(body[None].astype(np.float32)), affine=torch.eye(4))
+    image = MetaTensor(torch.from_numpy(mr[None]), affine=torch.eye(4))
+    out = NormalizeMRd("mr", percentiles=(1.0, 99.0))({"mr": image, "mask": mask})["mr"]
+    low, high = np.percentile(mr[body], [1.0, 99.0])
+    assert out.meta["mr_low"] == pytest.approx(low) and out.meta["mr_high"] == pytest.approx(high)
+    expected = np.clip(2.0 * (mr - low) / (high - low) - 1.0, -1.0, 1.0)
+    np.testing.assert_allclose(out.numpy()[0], expected, atol=1e-5)
+    assert out.numpy().min() >= -1.0 and out.numpy().max() <= 1.0
+    assert out.dtype == torch.float32
+    # the background does not move the mapping: brighter noise outside the body, same result inside
+    noisy = mr.copy()
+    noisy[~body] += 300.0
+    again = NormalizeMRd("mr", percentiles=(1.0, 99.0))({"mr": MetaTensor(torch.from_numpy(noisy[None])), "mask": mask})["mr"]
+    assert again.meta["mr_low"] == pytest.approx(low) and again.meta["mr_high"] == pytest.approx(high)
+
+
+def test_ct_window_mapping_exact_at_lo_and_hi(tmp_path):
+    lo, hi = -1024.0, 3000.0
+    ct = np.full((8, 8, 4), 40.0, dtype=np.float32)
+    ct[0, 0, 0], ct[1, 0, 0], ct[2, 0, 0], ct[3, 0, 0], ct[4, 0, 0] = lo, hi, -3000.0, 5000.0, (lo + hi) / 2
+    ct[2:6, 2:6, :] = 60.0
+    path = write(tmp_path / "ct.nii.gz", ct, np.eye(4))
+    out = volume_transforms(tiny_cfg(ct_window=(lo, hi)), ["ct"])({"ct": str(path)})["ct"].numpy()[0]
+    assert out[0, 0, 0] == -1.0 and out[1, 0, 0] == 1.0  # exact
+    assert out[2, 0, 0] == -1.0 and out[3, 0, 0] == 1.0  # clipped
+    assert out[4, 0, 0] == pytest.approx(0.0, abs=1e-6)
+    assert out[6, 6, 1] == pytest.approx(2 * (40.0 - lo) / (hi - lo) - 1, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# the shared chain
+
+
+def test_load_volumed_gives_a_float32_metatensor_with_ras_affine_and_filename(tmp_path):
+    mr, _, _, _, _ = synthetic_head()
+    affine = oblique_lps_affine()
+    path = write(tmp_path / "mr.nii.gz", mr, affine, dtype=np.int16)
+    out = LoadVolumed(["mr"])({"mr": str(path)})["mr"]
+    assert isinstance(out, MetaTensor) and out.dtype == torch.float32
+    assert tuple(out.shape) == (1, *mr.shape)
+    np.testing.assert_allclose(out.affine.numpy(), affine, atol=1e-5)
+    assert out.meta["filename_or_obj"] == str(path)
+    np.testing.assert_array_equal(out.numpy()[0], mr.astype(np.int16))
+
+
+def test_volume_chain_orients_resamples_in_plane_and_keeps_slice_spacing(tmp_path):
+    mr, ct, _, _, _ = synthetic_head()
+    affine = oblique_lps_affine()
+    data = {"mr": str(write(tmp_path / "mr.nii.gz", mr, affine)), "ct": str(write(tmp_path / "ct.nii.gz", ct, affine))}
+    cfg = tiny_cfg(spacing=(1.25, 1.0))
+    out = volume_transforms(cfg, ["mr", "ct"])(data)
+    assert set(out) >= {"mr", "ct", "mask"}
+    mr_out, ct_out, mask = out["mr"], out["ct"], out["mask"]
+    assert nib.aff2axcodes(mr_out.affine.numpy()) == ("R", "A", "S")
+    np.testing.assert_allclose(np.linalg.norm(mr_out.affine.numpy()[:3, :3], axis=0), (1.25, 1.0, 3.0), atol=1e-5)
+    assert mr_out.shape[-1] == mr.shape[-1]  # every slice kept
+    for tensor in (ct_out, mask):  # one grid for all
+        assert tensor.shape == mr_out.shape
+        np.testing.assert_allclose(tensor.affine.numpy(), mr_out.affine.numpy(), atol=1e-6)
+    assert mr_out.numpy().min() >= -1 and mr_out.numpy().max() <= 1 and ct_out.numpy().min() >= -1
+    assert set(np.unique(mask.numpy())) <= {0.0, 1.0}
+    assert {"mr_low", "mr_high"} <= set(mr_out.meta)
+
+
+def test_volume_chain_works_with_mr_only_and_with_a_given_mask(tmp_path):
+    mr, _, body, _, _ = synthetic_head()
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    mr_path = write(tmp_path / "mr.nii.gz", mr, affine)
+    only = volume_transforms(tiny_cfg(), ["mr"])({"mr": str(mr_path)})
+    assert "mask" in only and only["mask"].numpy().any()
+    mask_path = write(tmp_path / "mask.nii.gz", body * 5, affine, dtype=np.uint8)
+    given = volume_transforms(tiny_cfg(), ["mr", "mask"])({"mr": str(mr_path), "mask": str(mask_path)})
+    np.testing.assert_array_equal(given["mask"].numpy()[0] > 0, body)
+    assert given["mask"].meta["mask_source"] == "given"
+
+
+@pytest.mark.parametrize("mismatch", ["shape", "affine"])
+def test_ct_on_another_grid_refused_naming_the_ct(tmp_path, mismatch):
+    mr, ct, _, _, _ = synthetic_head()
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    mr_path = write(tmp_path / "mr.nii.gz", mr, affine)
+    if mismatch == "shape":
+        ct_path = write(tmp_path / "ct.nii.gz", ct[:-2], affine)
+    else:
+        moved = affine.copy()
+        moved[0, 3] = 5.0
+        ct_path = write(tmp_path / "ct.nii.gz", ct, moved)
+    with pytest.raises(InputError) as info:
+        volume_transforms(tiny_cfg(), ["mr", "ct"])({"mr": str(mr_path), "ct": str(ct_path)})
+    assert str(info.value).startswith(str(ct_path))
+
+
+def test_mask_on_another_grid_refused_naming_the_mask(tmp_path):
+    mr, _, body, _, _ = synthetic_head()
+    mr_path = write(tmp_path / "mr.nii.gz", mr, np.eye(4))
+    mask_path = write(tmp_path / "mask.nii.gz", body[:, :, :-1], np.eye(4), dtype=np.uint8)
+    with pytest.raises(InputError, match="mask.nii.gz"):
+        volume_transforms(tiny_cfg(), ["mr", "mask"])({"mr": str(mr_path), "mask": str(mask_path)})
+
+
+def test_unreadable_input_refused_naming_the_file(tmp_path):
+    bad = tmp_path / "mr.nii.gz"
+    bad.write_bytes(b"not a nifti at all")
+    with pytest.raises(InputError, match="mr.nii.gz"):
+        volume_transforms(tiny_cfg(), ["mr"])({"mr": str(bad)})
+
+
+@pytest.mark.parametrize("method", ["resample_to_match", "to_original_grid", "compose_inverse"])
+def test_result_on_the_model_grid_maps_back_onto_the_original_grid(tmp_path, method):
+    mr, _, _, _, _ = synthetic_head(shape=(30, 26, 8))
+    affine = oblique_lps_affine()
+    path = write(tmp_path / "mr.nii.gz", mr, affine)
+    transforms = volume_transforms(tiny_cfg(spacing=(1.0, 1.0)), ["mr"])
+    out = transforms({"mr": str(path)})
+    model = out["mr"]
+    assert tuple(model.shape[1:]) != mr.shape  # really resampled
+    sct = model.as_tensor().clone() * 0.5  # a stand-in result of the generator on the model grid
+    if method == "resample_to_match":
+        original = LoadVolumed(["mr"])({"mr": str(path)})["mr"]
+        source = MetaTensor(sct, affine=model.affine.clone())
+        back = ResampleToMatch(mode="bilinear", padding_mode="border", dtype=torch.float32)(source, img_dst=original)
+    elif method == "to_original_grid":
+        back = to_original_grid(sct, model.affine, model.meta["medcycle_original_affine"],
+                                model.meta["medcycle_original_shape"])
+    else:
+        back = invert_to_original(transforms, sct, model)
+    assert tuple(back.shape) == (1, *mr.shape)
+    np.testing.assert_allclose(np.asarray(back.affine, dtype=np.float64), affine, atol=1e-4)
+    # and the values are those of the model grid (the MR, normalised and halved): a smooth region agrees
+    reference = np.clip(2 * (mr - model.meta["mr_low"]) / (model.meta["mr_high"] - model.meta["mr_low"]) - 1, -1, 1) * 0.5
+    centre = (slice(12, 18), slice(10, 16), slice(2, 6))
+    np.testing.assert_allclose(back.numpy()[0][centre].mean(), reference[centre].mean(), atol=0.05)
+
+
+# --------------------------------------------------------------------------------------------------
+# tiles
+
+
+def _slab_volume(shape=(20, 18, 9)):
+    """Slice z holds the value z / 10 inside the body; body only in slices 2..6, off-centre in-plane."""
+    image = np.full(shape, -1.0, dtype=np.float32)
+    mask = np.zeros(shape, dtype=np.float32)
+    mask[3:15, 2:12, 2:7] = 1
+    for z in range(shape[2]):
+        image[..., z][mask[..., z] > 0] = z / 10.0
+    return image, mask
+
+
+def test_tiles_shapes_types_and_dropped_empty_slices():
+    image, mask = _slab_volume()
+    cfg = tiny_cfg(tile_size=16, min_body_fraction=0.1)
+    tiles, mask_tiles, slices = extract_tiles(image[None], mask[None], cfg)
+    np.testing.assert_array_equal(slices, [2, 3, 4, 5, 6])
+    assert tiles.shape == (5, 1, 16, 16) and tiles.dtype == np.float16
+    assert mask_tiles.shape == (5, 1, 16, 16) and mask_tiles.dtype == np.uint8
+    for n, z in enumerate(slices):
+        assert mask_tiles[n, 0].sum() == 12 * 10  # the whole body inside the tile
+        np.testing.assert_allclose(tiles[n, 0][mask_tiles[n, 0] > 0], z / 10.0, atol=1e-3)
+
+
+def test_tile_is_centred_on_the_body_and_padded_with_background():
+    image, mask = _slab_volume()
+    cfg = tiny_cfg(tile_size=32, min_body_fraction=0.05)
+    plan = plan_tiles(mask, cfg)
+    assert plan.start == ((3 + 15) // 2 - 16, (2 + 12) // 2 - 16)
+    tiles, mask_tiles, _ = extract_tiles(image, mask, cfg)
+    rows, cols = np.nonzero(mask_tiles[0, 0])
+    assert (rows.min() + rows.max() + 1) // 2 == 16 and (cols.min() + cols.max() + 1) // 2 == 16
+    assert tiles[0, 0, 0, 0] == -1.0 and tiles[0, 0, -1, -1] == -1.0  # padding = background
+
+
+def test_25d_channels_are_neighbouring_slices_centre_is_the_slice_edges_replicated():
+    image, mask = _slab_volume()
+    mask[:] = 0
+    mask[3:15, 2:12, :] = 1  # body in every slice
+    for z in range(image.shape[2]):
+        image[..., z] = z / 10.0
+    cfg = tiny_cfg(tile_size=16, context_slices=5, min_body_fraction=0.1)
+    tiles, _, slices = extract_tiles(image, mask, cfg)
+    assert tiles.shape == (image.shape[2], 5, 16, 16)
+    last = image.shape[2] - 1
+    for n, z in enumerate(slices):
+        for j in range(5):
+            expected = min(max(z - 2 + j, 0), last) / 10.0
+            np.testing.assert_allclose(tiles[n, j, 8, 8], expected, atol=1e-3)
+        np.testing.assert_allclose(tiles[n, 2, 8, 8], z / 10.0, atol=1e-3)  # centre channel = the slice
+
+
+def test_paired_tiles_share_slices_and_crop():
+    image, mask = _slab_volume()
+    other = image * -0.5
+    cfg = tiny_cfg(tile_size=16, context_slices=3, min_body_fraction=0.1)
+    tiles, mask_tiles, slices = extract_tiles({"mr": image, "ct": other}, mask, cfg)
+    assert set(tiles) == {"mr", "ct"}
+    assert tiles["mr"].shape == tiles["ct"].shape == (len(slices), 3, 16, 16)
+    inside = np.repeat(mask_tiles > 0, 3, axis=1)
+    np.testing.assert_allclose(tiles["ct"][inside], -0.5 * tiles["mr"][inside].astype(np.float32), atol=1e-3)
+
+
+def test_no_body_gives_no_tiles():
+    image = np.full((10, 10, 4), -1.0, dtype=np.float32)
+    tiles, mask_tiles, slices = extract_tiles(image, np.zeros_like(image), tiny_cfg(tile_size=16))
+    assert tiles.shape == (0, 1, 16, 16) and mask_tiles.shape == (0, 1, 16, 16) and len(slices) == 0
