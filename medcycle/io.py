@@ -136,7 +136,9 @@ def load_volume(path: str | Path, allow_constant: bool = False) -> Volume:
         raise InputError(f"{path}: no such file or folder")
     reader = _reader_for(path)
     try:
-        image = LoadImage(reader=reader, image_only=True, dtype=None)(str(path))
+        # a reader given at call time is the only one tried: MONAI's fallback readers would stack two
+        # DICOM series into one volume or hide the reason a folder was refused
+        image = LoadImage(image_only=True, dtype=None)(str(path), reader=reader)
     except InputError:
         raise
     except Exception as exc:  # nibabel/SimpleITK/zlib raise many types for corrupt files

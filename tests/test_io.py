@@ -302,16 +302,6 @@ def test_empty_folder_refused(tmp_path):
     assert_refused(folder)
 
 
-# medcycle.io.load_volume passes its reader to the LoadImage constructor, which also registers MONAI's
-# default readers as fallbacks: when SimpleITKReader refuses a folder, PydicomReader reads it anyway
-# (two series are stacked into one volume) or the refusal's reason is lost. The fix is one line in
-# io.load_volume: ``LoadImage(image_only=True, dtype=None)(str(path), reader=reader)`` (a runtime
-# reader is the only one tried). Until it lands these two tests fail as expected (strict xfail).
-IO_READER_FALLBACK = pytest.mark.xfail(
-    strict=True, reason="io.load_volume lets LoadImage fall back to MONAI's default readers (see comment)")
-
-
-@IO_READER_FALLBACK
 def test_empty_folder_refusal_says_why(tmp_path):
     folder = tmp_path / "empty"
     folder.mkdir()
@@ -329,7 +319,6 @@ def _two_series_folder(tmp_path: Path) -> Path:
     return folder
 
 
-@IO_READER_FALLBACK
 def test_folder_with_two_dicom_series_refused(tmp_path):
     assert_refused(_two_series_folder(tmp_path), "2 dicom series")
 
