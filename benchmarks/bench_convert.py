@@ -46,58 +46,6 @@ GiB = 1024**3
 
 
 # --------------------------------------------------------------------------------------------------
-# generator: medcycle.networks when it exists; until then a labelled stand-in with the standard
-# CycleGAN ResNet layout (Zhu et al. 2017), so the benchmark measures a representative network.
-
-STANDIN: list[str] = []
-
-
-def ensure_networks() -> None:
-    try:
-        from medcycle.transforms import volume_transforms  # noqa: F401
-    except ImportError:  # the preprocessing stand-in of tests/test_convert.py (MONAI Orientation/Spacing/percentiles)
-        from tests.test_convert import _standin_transforms
-
-        sys.modules["medcycle.transforms"] = _standin_transforms()
-        STANDIN.append("medcycle.transforms (MONAI Orientation, Spacing, threshold mask, percentile scaling)")
-    try:
-        from medcycle.networks import build_generator  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import types
-
-    import torch.nn as nn
-
-    class Block(nn.Module):
-        def __init__(self, c: int) -> None:
-            super().__init__()
-            self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c), nn.ReLU(True),
-                                      nn.ReflectionPad2d(1), nn.Conv2d(c, c, 3), nn.InstanceNorm2d(c))
-
-        def forward(self, x):
-            return x + self.body(x)
-
-    def build_generator(kind, channels, width, n_blocks):
-        layers = [nn.ReflectionPad2d(3), nn.Conv2d(channels, width, 7), nn.InstanceNorm2d(width), nn.ReLU(True)]
-        c = width
-        for _ in range(2):
-            layers += [nn.Conv2d(c, 2 * c, 3, 2, 1), nn.InstanceNorm2d(2 * c), nn.ReLU(True)]
-            c *= 2
-        layers += [Block(c) for _ in range(n_blocks)]
-        for _ in range(2):
-            layers += [nn.ConvTranspose2d(c, c // 2, 3, 2, 1, output_padding=1), nn.InstanceNorm2d(c // 2), nn.ReLU(True)]
-            c //= 2
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(width, channels, 7), nn.Tanh()]
-        return nn.Sequential(*layers)
-
-    module = types.ModuleType("medcycle.networks")
-    module.build_generator = build_generator
-    sys.modules["medcycle.networks"] = module
-    STANDIN.append("medcycle.networks (standard CycleGAN ResNet generator)")
-
-
-# --------------------------------------------------------------------------------------------------
 # data and models
 
 
@@ -253,7 +201,6 @@ def child(args: argparse.Namespace) -> None:
 
     import pipelines.convert as convert
 
-    ensure_networks()
     torch.set_num_threads(args.threads)
     if args.child == "naive":
         convert.synthesize_case = naive_synthesize
@@ -312,7 +259,6 @@ def main() -> None:
 
     from medcycle.inferers import autocast_dtype
 
-    ensure_networks()
     if args.quick:
         args.fit_seconds = min(args.fit_seconds, 5.0)
     size, slices = ((96, 96, 24), 8) if args.quick else ((256, 256, 160), min(args.slices_256, 160))
@@ -323,8 +269,6 @@ def main() -> None:
     dtype = autocast_dtype("auto", "cpu")
     print(f"medcycle convert benchmark: torch {torch.__version__}, {args.threads} threads, CPU bf16 autocast: "
           f"{'yes' if dtype == torch.bfloat16 else 'no'}; demo config: {demo_source}")
-    if STANDIN:
-        print("NOTE: not available yet, stand-ins used: " + "; ".join(STANDIN))
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:

@@ -1,15 +1,11 @@
 """`medcycle convert`: an MRI becomes an int16 sCT NIfTI on the input's exact grid.
 
 Tiny volumes and a tiny generator (width 4, 1 block) so the whole file runs in seconds on 2 cores.
-When `medcycle.networks` or `medcycle.transforms` is not importable (other developers' modules under
-construction) the tests install minimal stand-ins that follow the documented contracts.
 """
 from __future__ import annotations
 
 import errno
 import os
-import sys
-import types
 from pathlib import Path
 
 import nibabel as nib
@@ -23,74 +19,6 @@ from medcycle.checkpoint import save_checkpoint
 from medcycle.config import Config, config_hash
 from medcycle.errors import InputError, MedcycleError, UsageError
 from medcycle.io import file_checksum, ras_affine_to_sitk, sitk_to_ras_affine
-
-# --------------------------------------------------------------------------------------------------
-# stand-ins for modules written by other developers (used only while the real ones are missing)
-
-
-def _standin_networks() -> types.ModuleType:
-    module = types.ModuleType("medcycle.networks")
-
-    def build_generator(kind, channels, width, n_blocks):
-        layers = [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.InstanceNorm2d(width), torch.nn.ReLU()]
-        for _ in range(n_blocks):
-            layers += [torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.InstanceNorm2d(width), torch.nn.ReLU()]
-        layers += [torch.nn.Conv2d(width, channels, 3, padding=1), torch.nn.Tanh()]
-        return torch.nn.Sequential(*layers)
-
-    module.build_generator = build_generator
-    return module
-
-
-def _standin_transforms() -> types.ModuleType:
-    from monai.data import MetaTensor
-    from monai.transforms import Compose, MapTransform, Orientationd, ScaleIntensityRangePercentilesd, Spacingd
-
-    from medcycle.io import load_volume
-
-    module = types.ModuleType("medcycle.transforms")
-
-    class Load(MapTransform):
-        def __call__(self, data):
-            d = dict(data)
-            for key in self.key_iterator(d):
-                vol = load_volume(d[key], allow_constant=key == "mask")
-                d[key] = MetaTensor(torch.from_numpy(vol.array[None].copy()), affine=torch.as_tensor(vol.affine))
-            return d
-
-    class BodyMask(MapTransform):
-        def __call__(self, data):
-            d = dict(data)
-            if "mask" not in d:
-                mr = d["mr"]
-                d["mask"] = (mr > 0.1 * float(np.percentile(mr.numpy(), 99))).float()
-            return d
-
-    def volume_transforms(cfg, keys):
-        keys = list(keys)
-        return Compose([
-            Load(keys),
-            Orientationd(keys, axcodes=cfg.orientation),
-            Spacingd(keys, pixdim=(*cfg.spacing, -1), mode=["bilinear" if k == "mr" else "nearest" for k in keys]),
-            BodyMask(keys),
-            ScaleIntensityRangePercentilesd("mr", *cfg.mr_percentiles, b_min=-1.0, b_max=1.0, clip=True),
-        ])
-
-    module.volume_transforms = volume_transforms
-    return module
-
-
-@pytest.fixture(autouse=True)
-def standins(monkeypatch):
-    try:
-        from medcycle.networks import build_generator  # noqa: F401
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "medcycle.networks", _standin_networks())
-    try:
-        from medcycle.transforms import volume_transforms  # noqa: F401
-    except ImportError:
-        monkeypatch.setitem(sys.modules, "medcycle.transforms", _standin_transforms())
-
 
 # --------------------------------------------------------------------------------------------------
 # helpers
