@@ -65,6 +65,7 @@ class TrainConfig:
     iterations: int = 20000
     max_minutes: Optional[float] = None  # stop on a wall-clock budget; the schedule follows it
     batch_size: int = 1
+    crop_size: int = 0  # train on random crops of this side of the cached tiles; 0 = the whole tile
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     decay_from: float = 0.5  # fraction of the run after which the lr decays linearly to zero
@@ -120,6 +121,8 @@ class Config:
         _check(t.iterations >= 1, "train.iterations", "must be >= 1", t.iterations)
         _check(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes", "must be > 0", t.max_minutes)
         _check(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
+        _check(t.crop_size == 0 or (16 <= t.crop_size <= d.tile_size and t.crop_size % 4 == 0), "train.crop_size",
+               f"must be 0 (whole tiles) or a multiple of 4 in [16, data.tile_size={d.tile_size}]", t.crop_size)
         _check(t.lr > 0, "train.lr", "must be > 0", t.lr)
         _check(all(0 <= b < 1 for b in t.betas), "train.betas", "must be in [0, 1)", list(t.betas))
         _check(0 <= t.decay_from <= 1, "train.decay_from", "must be in [0, 1]", t.decay_from)

@@ -10,7 +10,7 @@ COMMANDS = ["phantom", "preprocess", "train", "convert", "evaluate", "demo"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medcycle", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "medcycle", *args], capture_output=True, encoding="utf-8", errors="replace", timeout=120)
 
 
 def test_python_dash_m_help_lists_every_command():

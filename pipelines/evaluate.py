@@ -1,0 +1,357 @@
+"""`medcycle evaluate`: score synthetic CTs against the real CT with the SynthRAD2023 metrics.
+
+File mode: ``pred`` and ``ref`` are volumes (NIfTI/MHA/NRRD file or DICOM-series folder), ``mask``
+is an optional body mask; without one the mask is computed from the reference CT
+(:func:`medcycle.transforms.compute_body_mask` at ``CT_BODY_THRESHOLD_HU``) and the table says so.
+``mr`` (optional) is shown in the figure.
+
+Folder mode (``ref`` is a folder of cases): SynthRAD layout ``REF/<case>/ct.*`` with optional
+``mask.*`` (else computed from the CT, as above) and ``mr.*`` (shown in the figure); the predictions
+are what ``medcycle convert`` writes in folder mode, ``PRED/<case>/sct.*`` or flat
+``PRED/<case>_sct.*``. A case without a prediction, or that cannot be scored, is reported and the
+others are still evaluated; the run then ends with an error (exit 1).
+
+The prediction, mask and MR must lie on the reference's voxel grid (shape and affine): otherwise
+a one-line error naming both files. Metrics (:mod:`medcycle.metrics`): MAE (HU, unclipped),
+PSNR and SSIM (clipped to ``window``, data range ``hi - lo``) inside the mask, and MAE in bone
+(CT >= 250 HU), air (CT < -400 HU) and soft tissue. Output: a table on stdout (one row per case and
+the mean); with ``out``: ``OUT/metrics.csv`` (one row per case), ``OUT/summary.json`` (mean, std,
+median per metric; ``cases``; ``window``; the mask used per case) and ``OUT/<case>.png`` (3-view
+figure), all written atomically.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from medcycle.errors import InputError, MedcycleError, UsageError
+
+VOLUME_SUFFIXES_ORDERED = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+CSV_COLUMNS = ("case", "mae", "psnr", "ssim", "mae_bone", "mae_air", "mae_soft")
+SUMMARY_KEYS = CSV_COLUMNS[1:]
+
+
+@dataclass
+class EvalCase:
+    """One comparison: the prediction (None when missing), the reference CT, optional mask and MR."""
+
+    name: str
+    pred: Optional[Path]
+    ref: Path
+    mask: Optional[Path] = None
+    mr: Optional[Path] = None
+    expected: str = ""  # where the prediction was looked for (folder mode)
+
+
+# --------------------------------------------------------------------------------------------------
+# finding the cases
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    import SimpleITK as sitk
+
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns "No Series were found" on stderr
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError:
+        return False
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def _find_named(folder: Path, name: str) -> Optional[Path]:
+    """`folder/name.<volume suffix>`, or `folder/name/` holding a DICOM series."""
+    for suffix in VOLUME_SUFFIXES_ORDERED:
+        candidate = folder / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    candidate = folder / name
+    if candidate.is_dir() and _is_dicom_series(candidate):
+        return candidate
+    return None
+
+
+def _stem(path: Path) -> str:
+    lower = path.name.lower()
+    for suffix in VOLUME_SUFFIXES_ORDERED:
+        if lower.endswith(suffix) and path.is_file():
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+def _reference_cases(ref: Path) -> list[tuple[str, Path]]:
+    """(case, ct path) of every ``REF/<case>/ct.*``, sorted by name."""
+    cases = []
+    for entry in sorted(ref.iterdir()):
+        if entry.is_dir() and not entry.name.startswith("."):
+            ct = _find_named(entry, "ct")
+            if ct is not None:
+                cases.append((entry.name, ct))
+    return cases
+
+
+def _plan_folder(pred: Path, ref: Path) -> list[EvalCase]:
+    cases = []
+    for name, ct in _reference_cases(ref):
+        prediction = _find_named(pred / name, "sct") if (pred / name).is_dir() else None
+        if prediction is None:
+            prediction = _find_named(pred, f"{name}_sct")
+        cases.append(EvalCase(name=name, pred=prediction, ref=ct, mask=_find_named(ref / name, "mask"),
+                              mr=_find_named(ref / name, "mr"),
+                              expected=f"{pred / name / 'sct.nii.gz'} or {pred / (name + '_sct.nii.gz')}"))
+    return cases
+
+
+def _file_case_name(pred: Path) -> str:
+    name = _stem(pred)
+    if name.lower().endswith("_sct") and len(name) > 4:
+        return name[:-4]
+    if name.lower() in ("sct", "pred", "prediction") and pred.resolve().parent.name:
+        return pred.resolve().parent.name  # SynthRAD layout <case>/sct.nii.gz
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# one case
+
+
+def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """`array` reoriented to the closest RAS axes (flips and axis swaps only) and its voxel size."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    spacing = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    new_spacing = np.empty(3)
+    new_spacing[ornt[:, 0].astype(int)] = spacing
+    return nib.orientations.apply_orientation(array, ornt), tuple(float(s) for s in new_spacing)
+
+
+def _mask_for(case: EvalCase, ref_volume: Any) -> tuple[np.ndarray, str]:
+    """The boolean mask of a case and a description of where it came from."""
+    from medcycle.io import check_same_grid, load_volume
+    from medcycle.transforms import CT_BODY_THRESHOLD_HU, compute_body_mask
+
+    if case.mask is not None:
+        mask_volume = load_volume(case.mask, allow_constant=True)
+        check_same_grid(ref_volume, mask_volume)
+        mask = mask_volume.array > 0
+        if not mask.any():
+            raise InputError(f"{case.mask}: the mask is empty (no voxel > 0); nothing to score")
+        return mask, str(case.mask)
+    mask = compute_body_mask(ref_volume.array, threshold=CT_BODY_THRESHOLD_HU)
+    if not mask.any():
+        raise InputError(f"{case.ref}: no body above {CT_BODY_THRESHOLD_HU:g} HU to compute a mask from; give --mask")
+    return mask, f"computed from the CT (> {CT_BODY_THRESHOLD_HU:g} HU)"
+
+
+def evaluate_case(case: EvalCase, window: tuple[float, float], out: Optional[Path]) -> tuple[dict[str, float], str]:
+    """(metrics, mask description) of one case; writes ``OUT/<case>.png`` when `out` is given."""
+    from medcycle.io import check_same_grid, load_volume
+    from medcycle.metrics import image_metrics
+
+    assert case.pred is not None
+    ref_volume = load_volume(case.ref)
+    pred_volume = load_volume(case.pred, allow_constant=True)  # a flat prediction is bad, not unusable
+    check_same_grid(ref_volume, pred_volume)
+    mask, mask_source = _mask_for(case, ref_volume)
+    try:
+        metrics = image_metrics(pred_volume.array, ref_volume.array, mask, window=window)
+    except ValueError as exc:
+        raise InputError(f"{case.ref}: cannot be scored: {exc}") from None
+    if out is not None:
+        from medcycle.visualize import evaluation_figure
+
+        mr = None
+        if case.mr is not None:
+            mr_volume = load_volume(case.mr)
+            check_same_grid(ref_volume, mr_volume)
+            mr = _canonical(mr_volume.array, mr_volume.affine)[0]
+        sct, spacing = _canonical(pred_volume.array, ref_volume.affine)
+        ct = _canonical(ref_volume.array, ref_volume.affine)[0]
+        title = (f"{case.name}: MAE {metrics['mae']:.1f} HU, PSNR {metrics['psnr']:.2f} dB, "
+                 f"SSIM {metrics['ssim']:.3f} (inside the body mask)")
+        evaluation_figure(out / f"{case.name}.png", sct, ct, spacing, mr=mr,
+                          mask=_canonical(mask, ref_volume.affine)[0], title=title)
+    return metrics, mask_source
+
+
+# --------------------------------------------------------------------------------------------------
+# reporting
+
+
+def _stats(values: list[float]) -> dict[str, Optional[float]]:
+    """mean, std (population) and median over the cases where the metric is defined; non-finite
+    results (no such case, or an infinite PSNR) are written as null."""
+    finite_or_inf = np.array([v for v in values if not math.isnan(v)], dtype=np.float64)
+
+    def clean(value: float) -> Optional[float]:
+        return float(value) if math.isfinite(value) else None
+
+    if finite_or_inf.size == 0:
+        return {"mean": None, "std": None, "median": None, "n": 0}
+    with np.errstate(invalid="ignore"):
+        return {"mean": clean(finite_or_inf.mean()), "std": clean(finite_or_inf.std()),
+                "median": clean(float(np.median(finite_or_inf))), "n": int(finite_or_inf.size)}
+
+
+def _fmt(value: Optional[float], digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+TABLE_COLUMNS = (("mae", "MAE HU", 1), ("psnr", "PSNR dB", 2), ("ssim", "SSIM", 4),
+                 ("mae_bone", "bone", 1), ("mae_air", "air", 1), ("mae_soft", "soft", 1))
+
+
+class _Table:
+    def __init__(self, names: list[str], show_mask: bool) -> None:
+        self.width = max([len("case")] + [len(n) for n in names] + [len("median")])
+        self.show_mask = show_mask
+
+    def header(self) -> str:
+        cells = [f"{'case':<{self.width}}"] + [f"{title:>9}" for _, title, _ in TABLE_COLUMNS]
+        return "  ".join(cells) + ("  mask" if self.show_mask else "")
+
+    def row(self, name: str, values: dict[str, Optional[float]], mask: str = "") -> str:
+        cells = [f"{name:<{self.width}}"] + [f"{_fmt(values.get(k), d):>9}" for k, _, d in TABLE_COLUMNS]
+        return "  ".join(cells) + (f"  {mask}" if self.show_mask and mask else "")
+
+    def note(self, name: str, text: str) -> str:
+        return f"{name:<{self.width}}  {text}"
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    from medcycle.io import atomic_write
+
+    with atomic_write(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(CSV_COLUMNS)
+            for row in rows:
+                writer.writerow([row["case"]] + [repr(float(row[k])) for k in CSV_COLUMNS[1:]])
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    from medcycle.io import atomic_write
+
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# the job
+
+
+def run(pred: str | Path, ref: str | Path, mask: Optional[str | Path] = None, out: Optional[str | Path] = None,
+        mr: Optional[str | Path] = None, window: tuple[float, float] = (-1024.0, 3000.0)) -> dict:
+    """Evaluate `pred` against `ref` (files, or folders of cases); print the table, write the
+    report to `out` when given, and return the summary (what ``summary.json`` holds)."""
+    pred, ref = Path(pred), Path(ref)
+    mask_path = Path(mask) if mask is not None else None
+    mr_path = Path(mr) if mr is not None else None
+    out_path = Path(out) if out is not None else None
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise UsageError(f"--window needs two numbers LO HI, got {window!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+        raise UsageError(f"--window LO HI needs LO < HI, got {lo:g} {hi:g}")
+    if not ref.exists():
+        raise InputError(f"{ref}: no such reference CT file or folder")
+    if not pred.exists():
+        raise InputError(f"{pred}: no such prediction file or folder")
+    for given, what in ((mask_path, "mask"), (mr_path, "MR")):
+        if given is not None and not given.exists():
+            raise InputError(f"{given}: no such {what} file or folder")
+    if out_path is not None and out_path.exists() and not out_path.is_dir():
+        raise UsageError(f"{out_path}: --out must be a folder, and this is a file")
+
+    # a folder holding <case>/ct.* is a folder of cases; another folder must be one CT's DICOM series
+    folder_mode = ref.is_dir() and (bool(_reference_cases(ref)) or not _is_dicom_series(ref))
+    if folder_mode:
+        if not pred.is_dir():
+            raise UsageError(f"{pred}: REF {ref} is a folder of cases, so PRED must be the folder 'medcycle convert' wrote")
+        if mask_path is not None or mr_path is not None:
+            raise UsageError("--mask and --mr take one file for one case; in folder mode each case's mask.* and mr.* are used")
+        cases = _plan_folder(pred, ref)
+        if not cases:
+            raise InputError(f"{ref}: no cases found (expected <case>/ct.nii.gz folders, or a CT file)")
+    else:
+        if pred.is_dir() and not _is_dicom_series(pred):
+            raise UsageError(f"{pred}: REF {ref} is one CT, so PRED must be one synthetic CT file (or DICOM folder)")
+        cases = [EvalCase(name=_file_case_name(pred), pred=pred, ref=ref, mask=mask_path, mr=mr_path)]
+    return _evaluate(cases, (lo, hi), out_path, folder_mode, pred)
+
+
+def _evaluate(cases: list[EvalCase], window: tuple[float, float], out: Optional[Path], folder_mode: bool,
+              pred_root: Path) -> dict:
+    table = _Table([c.name for c in cases], show_mask=folder_mode)
+    print(f"SynthRAD metrics inside the body mask; PSNR/SSIM window [{window[0]:g}, {window[1]:g}] HU; "
+          "MAE in bone (CT >= 250 HU), air (CT < -400 HU) and soft tissue (the rest)")
+    print(table.header())
+    rows: list[dict[str, Any]] = []
+    masks: dict[str, str] = {}
+    failed: dict[str, str] = {}
+    missing: list[str] = []
+    for case in cases:
+        if case.pred is None:
+            missing.append(case.name)
+            failed[case.name] = f"no prediction (looked for {case.expected})"
+            print(table.note(case.name, f"MISSING prediction: looked for {case.expected}"), flush=True)
+            continue
+        try:
+            metrics, mask_source = evaluate_case(case, window, out)
+        except MedcycleError as exc:
+            if not folder_mode:
+                raise
+            failed[case.name] = str(exc)
+            print(table.note(case.name, f"FAILED: {exc}"), flush=True)
+            continue
+        except Exception as exc:  # noqa: BLE001 - one broken case must not stop the others
+            if not folder_mode:
+                raise
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            failed[case.name] = f"{type(exc).__name__}: {text}"
+            print(table.note(case.name, f"FAILED: {failed[case.name]}"), flush=True)
+            continue
+        rows.append({"case": case.name, **metrics})
+        masks[case.name] = mask_source
+        short = "file" if case.mask is not None else "from CT"
+        print(table.row(case.name, metrics, short), flush=True)
+
+    summary: dict[str, Any] = {key: _stats([r[key] for r in rows]) for key in SUMMARY_KEYS}
+    summary.update({"cases": len(rows), "window": [window[0], window[1]], "masks": masks,
+                    "missing": missing, "failed": failed})
+    if rows:
+        print(table.row("mean", {k: summary[k]["mean"] for k in SUMMARY_KEYS}))
+        if len(rows) > 1:
+            print(table.row("std", {k: summary[k]["std"] for k in SUMMARY_KEYS}))
+    if not folder_mode and rows:
+        print(f"mask: {masks[rows[0]['case']]}")
+    elif folder_mode and rows:
+        print("mask: 'file' = the case's mask.*, 'from CT' = computed from the CT "
+              "(body above the CT threshold; no mask.* in the case folder)")
+    if out is not None and rows:
+        _write_csv(out / "metrics.csv", rows)
+        _write_json(out / "summary.json", summary)
+        print(f"report: {out / 'metrics.csv'}, {out / 'summary.json'} and {len(rows)} figure(s) in {out}")
+    if failed:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} without a prediction in {pred_root} ({', '.join(missing)})")
+        others = [name for name in failed if name not in missing]
+        if others:
+            parts.append(f"{len(others)} failed ({', '.join(others)})")
+        raise MedcycleError(f"{len(failed)} of {len(cases)} cases not evaluated: {'; '.join(parts)}")
+    return summary
+
+
+__all__ = ["EvalCase", "evaluate_case", "run"]

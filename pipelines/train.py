@@ -1,0 +1,79 @@
+"""`medcycle train`: the MR <-> CT CycleGAN on a tile cache, into a run folder.
+
+::
+
+    medcycle train --config configs/demo_cpu.yaml --data CACHE --out RUN [--max-iters N] [--resume]
+                   [--device cpu|cuda] [--set key=value ...]
+    torchrun --nproc_per_node=N -m medcycle train ...        # DDP: gloo on CPU, nccl on CUDA
+
+The run folder gets ``config.yaml`` (the resolved config), ``last.pt`` (every
+``train.checkpoint_every`` iterations, at the end and on SIGINT/SIGTERM), ``best.pt`` (lowest
+validation MAE; only with paired ``val`` cases in the cache), ``losses.csv``, ``validation.csv``,
+``tensorboard/`` and ``images/iter_XXXXXX.png``. The loop itself is :func:`medcycle.engine.loop.fit`
+(schedule, wall-clock budget, determinism and signals are described there).
+
+* ``--max-iters N`` sets ``train.iterations`` (the run length the lr schedule follows);
+* ``--resume`` continues ``RUN/last.pt`` exactly; without ``--config`` the run's own ``config.yaml``
+  is used (plus ``--set``). Only ``train.iterations``, ``train.max_minutes``, ``train.workers`` and
+  the logging/checkpoint intervals may change on resume;
+* a new run into a folder holding ``last.pt`` is refused (use ``--resume`` or another ``--out``).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from medcycle.config import Config, load_config
+from medcycle.errors import MedcycleError, UsageError
+
+CONFIG = "config.yaml"
+
+
+def resolve_config(config: Any, overrides: Sequence[str], out: Path, resume: bool, max_iters: Optional[int]) -> Config:
+    """The run's config: `config` (path, Config or None) with `overrides`; on resume without a
+    config the run's own ``config.yaml``; ``max_iters`` replaces ``train.iterations``."""
+    overrides = list(overrides or ())
+    if max_iters is not None:
+        if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+            raise UsageError(f"--max-iters must be an integer >= 1, got {max_iters!r}")
+        overrides.append(f"train.iterations={max_iters}")
+    if config is None and resume and (out / CONFIG).is_file():
+        config = out / CONFIG
+    if isinstance(config, Config):
+        from medcycle.config import _apply_override
+
+        tree = config.to_dict()
+        for assignment in overrides:
+            _apply_override(tree, assignment)
+        return Config.from_dict(tree).validate()
+    return load_config(config, overrides)
+
+
+def run(config: Any = None, data: Optional[str | os.PathLike] = None, out: Optional[str | os.PathLike] = None,
+        overrides: Sequence[str] = (), max_iters: Optional[int] = None, resume: bool = False,
+        device: Optional[str] = None, stop_after: Optional[int] = None) -> dict[str, Any]:
+    """Train into `out` on the cache `data`; returns a summary (``run``, ``iteration``, ``elapsed_s``,
+    ``stopped``, ``best_val_mae``, ``last``, ``best``, ``digest`` of the weights).
+
+    `stop_after` ends the session after that iteration without changing the schedule (tests, benchmarks).
+    """
+    from medcycle.engine import distributed
+    from medcycle.engine.loop import fit
+
+    if data is None or out is None:
+        raise UsageError("train needs --data CACHE and --out RUN")
+    out = Path(out)
+    cfg = resolve_config(config, overrides, out, resume, max_iters)
+    ctx = distributed.setup(device)
+    try:
+        return fit(cfg, Path(data), out, ctx, resume=resume, stop_after=stop_after)
+    except MedcycleError as exc:
+        if ctx.rank > 0:  # rank 0 reports; the others leave quietly with the same exit code
+            raise SystemExit(exc.exit_code) from None
+        raise
+    finally:
+        ctx.close()
+
+
+__all__ = ["resolve_config", "run"]
