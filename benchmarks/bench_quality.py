@@ -36,11 +36,11 @@ BASE = {
     "train.amp": "auto",
 }
 RECIPES = {
-    "plain": ("standard CycleGAN (LSGAN, cycle, identity), 2D", {}),
-    "structure": ("+ MIND structure loss (Yang et al. 2018)", {"loss.structure": 1.0}),
-    "gradient": ("+ gradient-consistency loss (Hiasa et al. 2018)", {"loss.gradient": 1.0}),
-    "context": ("2.5D: 3 neighbouring slices as channels", {"data.context_slices": 3}),
-    "demo": ("the demo default: `configs/demo_cpu.yaml` as shipped", None),
+    "plain": ("CycleGAN: LSGAN + cycle L1 (identity off, as in the demo), 2D", {}),
+    "structure": ("plain + MIND structure loss (Yang et al. 2018)", {"loss.structure": 1.0}),
+    "gradient": ("plain + gradient-consistency loss (Hiasa et al. 2018)", {"loss.gradient": 1.0}),
+    "context": ("plain + 2.5D: 3 neighbouring slices as channels", {"data.context_slices": 3}),
+    "demo": ("the demo default, `configs/demo_cpu.yaml`: 2.5D + MIND", None),
     "hybrid": ("the demo default + paired L1 on registered pairs (`loss.pairing=hybrid`)", {"loss.pairing": "hybrid"}),
     "demo-fp32": ("the demo default in fp32 (`train.amp=none`), to compare with the bf16 fast path", {"train.amp": "none"}),
 }
@@ -110,11 +110,13 @@ def markdown(rows: list[dict]) -> str:
         "| recipe | what | iterations | val MAE | test MAE | bone | air | PSNR | SSIM |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    def num(value: object, fmt: str) -> str:  # null when no held-out voxel is in that tissue
+        return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
     for r in rows:
-        val = f"{r['val_mae']:.0f}" if isinstance(r.get("val_mae"), (int, float)) else "-"
         lines.append(
-            f"| {r['recipe']} | {r['what']} | {r['iterations']} | {val} | {r['mae']:.0f} | {r['mae_bone']:.0f} | "
-            f"{r['mae_air']:.0f} | {r['psnr']:.2f} | {r['ssim']:.3f} |"
+            f"| {r['recipe']} | {r['what']} | {r['iterations']} | {num(r.get('val_mae'), '.0f')} | {num(r['mae'], '.0f')} | "
+            f"{num(r['mae_bone'], '.0f')} | {num(r['mae_air'], '.0f')} | {num(r['psnr'], '.2f')} | {num(r['ssim'], '.3f')} |"
         )
     return "\n".join(lines)
 

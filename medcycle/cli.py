@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=8, metavar="N", help="number of cases (default 8)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; same seed, same data (default 0)")
     p.add_argument("--size", choices=("small", "full"), default="full",
-                   help="full: 256x256 at about 1x1x2.5 mm; small: tiny, for tests (default full)")
+                   help="full: 192x224x64 voxels of 1x1x2.5 mm (the whole head); small: 64x75x32 of 3x3x5 mm, for tests "
+                        "(default full)")
 
     p = _add(sub, "preprocess", "turn MR/CT volumes into a cache of normalised 2D tiles for training")
     p.add_argument("--data", metavar="DIR", help="SynthRAD layout: DIR/<case>/mr.*, optional ct.*, mask.*")
@@ -99,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "demo", "the whole job on built-in phantom data: data, training, conversion, evaluation")
     p.add_argument("--out", default="medcycle_demo", metavar="DIR", help="demo folder (default medcycle_demo)")
-    p.add_argument("--minutes", type=float, default=15.0, help="training budget in minutes (default 15)")
+    p.add_argument("--minutes", type=float, default=15.0, help="budget of the whole demo in minutes; training gets what the other "
+                   "steps leave (default 15)")
     p.add_argument("--config", default=None, metavar="FILE", help="config (default configs/demo_cpu.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--seed", type=int, default=0, help="phantom and training seed (default 0)")

@@ -71,6 +71,18 @@ def ras_affine_to_sitk(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[flo
     return tuple(lps[:3, 3].tolist()), tuple(spacing.tolist()), tuple(direction.ravel().tolist())
 
 
+def is_dicom_series(folder: str | os.PathLike) -> bool:
+    """True when `folder` holds at least one DICOM series (GDCM's "No Series were found" warning silenced)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError:
+        return False
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def dicom_series_files(folder: Path) -> list[str]:
     """The sorted files of the single DICOM series in `folder`; refuses none or several series."""
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))

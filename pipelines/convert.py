@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from medcycle.errors import InputError, MedcycleError, UsageError
-from medcycle.io import NIFTI_SUFFIXES, VOLUME_SUFFIXES, Volume, check_same_grid, load_volume, save_nifti
+from medcycle.io import NIFTI_SUFFIXES, VOLUME_SUFFIXES, Volume, check_same_grid, is_dicom_series, load_volume, save_nifti
 
 AIR_HU = -1000.0
 # Output voxels resampled per MONAI SpatialResample call (its sampling grid is 3 floats per voxel).
@@ -80,15 +80,6 @@ def _stem(path: Path) -> str:
     return path.name[: -len(suffix)] if suffix and path.is_file() else path.name
 
 
-def _is_dicom_series(folder: Path) -> bool:
-    import SimpleITK as sitk
-
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError:
-        return False
-
-
 def _find_named(folder: Path, name: str) -> Optional[Path]:
     """`folder/name.<volume suffix>`, or `folder/name/` when it holds a DICOM series."""
     for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
@@ -96,7 +87,7 @@ def _find_named(folder: Path, name: str) -> Optional[Path]:
         if candidate.is_file():
             return candidate
     candidate = folder / name
-    if candidate.is_dir() and _is_dicom_series(candidate):
+    if candidate.is_dir() and is_dicom_series(candidate):
         return candidate
     return None
 
@@ -170,7 +161,7 @@ def _plan_folder(input: Path, output: Path, dicom_out: Optional[Path]) -> tuple[
             if mr is not None:
                 cases.append(Case(entry.name, mr, output / entry.name / "sct.nii.gz", _find_named(entry, "mask"),
                                   dicom_out / entry.name if dicom_out else None))
-            elif _is_dicom_series(entry):
+            elif is_dicom_series(entry):
                 cases.append(Case(entry.name, entry, output / f"{entry.name}_sct.nii.gz", None,
                                   dicom_out / entry.name if dicom_out else None))
             else:
@@ -372,7 +363,7 @@ def run(
         raise InputError(f"{mask_path}: no such mask file")
     torch_device = _resolve_device(device)
 
-    folder_mode = input.is_dir() and not _is_dicom_series(input)
+    folder_mode = input.is_dir() and not is_dicom_series(input)
     ignored: list[str] = []
     if folder_mode:
         if mask_path is not None:

@@ -31,6 +31,7 @@ from typing import Any, Optional
 import numpy as np
 
 from medcycle.errors import InputError, MedcycleError, UsageError
+from medcycle.io import is_dicom_series
 
 VOLUME_SUFFIXES_ORDERED = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 CSV_COLUMNS = ("case", "mae", "psnr", "ssim", "mae_bone", "mae_air", "mae_soft")
@@ -53,19 +54,6 @@ class EvalCase:
 # finding the cases
 
 
-def _is_dicom_series(folder: Path) -> bool:
-    import SimpleITK as sitk
-
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns "No Series were found" on stderr
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError:
-        return False
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
 def _find_named(folder: Path, name: str) -> Optional[Path]:
     """`folder/name.<volume suffix>`, or `folder/name/` holding a DICOM series."""
     for suffix in VOLUME_SUFFIXES_ORDERED:
@@ -73,7 +61,7 @@ def _find_named(folder: Path, name: str) -> Optional[Path]:
         if candidate.is_file():
             return candidate
     candidate = folder / name
-    if candidate.is_dir() and _is_dicom_series(candidate):
+    if candidate.is_dir() and is_dicom_series(candidate):
         return candidate
     return None
 
@@ -275,7 +263,7 @@ def run(pred: str | Path, ref: str | Path, mask: Optional[str | Path] = None, ou
         raise UsageError(f"{out_path}: --out must be a folder, and this is a file")
 
     # a folder holding <case>/ct.* is a folder of cases; another folder must be one CT's DICOM series
-    folder_mode = ref.is_dir() and (bool(_reference_cases(ref)) or not _is_dicom_series(ref))
+    folder_mode = ref.is_dir() and (bool(_reference_cases(ref)) or not is_dicom_series(ref))
     if folder_mode:
         if not pred.is_dir():
             raise UsageError(f"{pred}: REF {ref} is a folder of cases, so PRED must be the folder 'medcycle convert' wrote")
@@ -285,7 +273,7 @@ def run(pred: str | Path, ref: str | Path, mask: Optional[str | Path] = None, ou
         if not cases:
             raise InputError(f"{ref}: no cases found (expected <case>/ct.nii.gz folders, or a CT file)")
     else:
-        if pred.is_dir() and not _is_dicom_series(pred):
+        if pred.is_dir() and not is_dicom_series(pred):
             raise UsageError(f"{pred}: REF {ref} is one CT, so PRED must be one synthetic CT file (or DICOM folder)")
         cases = [EvalCase(name=_file_case_name(pred), pred=pred, ref=ref, mask=mask_path, mr=mr_path)]
     return _evaluate(cases, (lo, hi), out_path, folder_mode, pred)
