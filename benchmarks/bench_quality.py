@@ -3,6 +3,7 @@
     python benchmarks/bench_quality.py                  # every recipe, 15 min each (about 1.5 h on 2 cores)
     python benchmarks/bench_quality.py --minutes 5      # a shorter budget for every recipe
     python benchmarks/bench_quality.py --recipes plain structure --minutes 2
+    python benchmarks/bench_quality.py --set train.batch_size=2   # every recipe on a changed base config
 
 Every recipe starts from ``configs/demo_cpu.yaml`` and sets all the keys it ablates explicitly, so
 the rows differ only in what their name says. All recipes train on the same phantom cases (16 cases:
@@ -21,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -47,13 +49,14 @@ RECIPES = {
 TRAIN_CASES, TEST_CASES = 16, 3
 
 
-def overrides_for(recipe: str) -> list[str]:
-    """``KEY=VALUE`` overrides of `recipe` on top of the demo config (`demo*` and `hybrid` keep its recipe)."""
+def overrides_for(recipe: str, base: Sequence[str] = ()) -> list[str]:
+    """``KEY=VALUE`` overrides of `recipe` on top of the demo config and the `base` overrides
+    (`demo*` and `hybrid` keep the demo's recipe)."""
     extra = RECIPES[recipe][1]
     if recipe == "demo":
-        return []
+        return list(base)
     values = dict(extra) if recipe in ("hybrid", "demo-fp32") else {**BASE, **extra}
-    return [f"{key}={value}" for key, value in values.items()]
+    return [*base, *(f"{key}={value}" for key, value in values.items())]
 
 
 def make_data(work: Path, seed: int) -> tuple[Path, Path]:
@@ -69,7 +72,8 @@ def make_data(work: Path, seed: int) -> tuple[Path, Path]:
     return train_dir, test_dir
 
 
-def run_recipe(recipe: str, work: Path, train_dir: Path, test_dir: Path, minutes: float, seed: int) -> dict:
+def run_recipe(recipe: str, work: Path, train_dir: Path, test_dir: Path, minutes: float, seed: int,
+               base: Sequence[str] = ()) -> dict:
     """Preprocess (a cache per data config), train for `minutes`, convert and evaluate the held-out cases."""
     import pipelines.convert
     import pipelines.evaluate
@@ -78,7 +82,7 @@ def run_recipe(recipe: str, work: Path, train_dir: Path, test_dir: Path, minutes
     from medcycle.checkpoint import load_checkpoint, resolve_checkpoint
     from medcycle.config import config_hash, load_config
 
-    overrides = overrides_for(recipe)
+    overrides = overrides_for(recipe, base)
     config = load_config(CONFIG, overrides)
     cache = work / f"cache_{config_hash(config.data)}"
     pipelines.preprocess.run(out=cache, data=train_dir, config=CONFIG, overrides=overrides, workers=2)
@@ -127,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES), help="recipes to run")
     parser.add_argument("--work", type=Path, default=Path("bench_quality"), help="working folder (default ./bench_quality)")
     parser.add_argument("--seed", type=int, default=0, help="phantom and training seed (default 0)")
+    parser.add_argument("--set", dest="base", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a key of the demo config for every recipe (repeatable)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
 
@@ -134,11 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for recipe in args.recipes:
         print(f"\n=== {recipe}: {RECIPES[recipe][0]} ({args.minutes:g} min) ===", flush=True)
-        rows.append(run_recipe(recipe, args.work, train_dir, test_dir, args.minutes, args.seed))
-        result = {"minutes_per_recipe": args.minutes, "rows": rows}
+        rows.append(run_recipe(recipe, args.work, train_dir, test_dir, args.minutes, args.seed, args.base))
+        result = {"minutes_per_recipe": args.minutes, "base_overrides": args.base, "rows": rows}
         (args.work / "quality.json").write_text(json.dumps(result, indent=2))
+    changed = f"; demo config changed for all: {', '.join(args.base)}" if args.base else ""
     print(f"\nHeld-out phantom cases ({TEST_CASES}), {args.minutes:g} min of training per recipe; "
-          "model selected on the validation cases:\n")
+          f"model selected on the validation cases{changed}:\n")
     print(markdown(rows))
     return 0
 

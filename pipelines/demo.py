@@ -28,6 +28,18 @@ def _split_cases(phantom_dir: Path, train_dir: Path, test_dir: Path) -> None:
     phantom_dir.rmdir()
 
 
+def training_minutes(budget: float, spent: float) -> float:
+    """Training minutes of a demo with a total `budget` after `spent` minutes of data preparation:
+    what is left less the time the conversion and evaluation need, never under a third of the budget."""
+    return round(max(budget / 3, budget - spent - FINISH_RESERVE_MIN), 2)
+
+
+def format_mean(summary: dict, key: str, fmt: str) -> str:
+    """The summary's mean of `key` formatted, or ``n/a`` (null when no held-out voxel is in that tissue)."""
+    value = (summary.get(key) or {}).get("mean")
+    return format(value, fmt) if isinstance(value, (int, float)) else "n/a"
+
+
 def run(out: str | Path = "medcycle_demo", minutes: float = 15.0, config: Optional[str | Path] = None,
         overrides: Sequence[str] = (), seed: int = 0) -> dict:
     """Run the demo in `out` within about `minutes` in all; returns the held-out evaluation summary."""
@@ -55,9 +67,7 @@ def run(out: str | Path = "medcycle_demo", minutes: float = 15.0, config: Option
     print(f"[2/5] preprocess: {TRAIN_CASES} cases -> {out / 'cache'}")
     pipelines.preprocess.run(out=out / "cache", data=train_dir, config=config, overrides=overrides, workers=2)
 
-    # `minutes` is the budget of the whole demo: training gets what the other steps leave
-    spent = (time.perf_counter() - started) / 60
-    train_minutes = round(max(minutes / 3, minutes - spent - FINISH_RESERVE_MIN), 2)
+    train_minutes = training_minutes(minutes, (time.perf_counter() - started) / 60)
     print(f"[3/5] train: {config.name} for {train_minutes:g} min -> {out / 'run'}")
     train_overrides = [*overrides, f"train.max_minutes={train_minutes}", f"train.seed={seed}"]
     resume = (out / "run" / "last.pt").is_file()
@@ -70,9 +80,8 @@ def run(out: str | Path = "medcycle_demo", minutes: float = 15.0, config: Option
     pipelines.evaluate.run(pred=out / "sct", ref=test_dir, out=out / "report")
     summary = json.loads((out / "report" / "summary.json").read_text())
 
-    def mean(key: str, fmt: str) -> str:  # a metric can be missing (null) when no held-out case has that tissue
-        value = (summary.get(key) or {}).get("mean")
-        return format(value, fmt) if isinstance(value, (int, float)) else "n/a"
+    def mean(key: str, fmt: str) -> str:
+        return format_mean(summary, key, fmt)
 
     print(
         f"\nmedcycle demo finished in {(time.perf_counter() - started) / 60:.1f} min\n"

@@ -129,3 +129,15 @@ def test_left_handed_affine_reads_back_unchanged(tmp_path, hu):
     image = read_series(tmp_path / "ct")
     np.testing.assert_array_equal(np.transpose(sitk.GetArrayFromImage(image), (2, 1, 0)), np.rint(hu))
     np.testing.assert_allclose(sitk_to_ras_affine(image), affine, atol=1e-6)
+
+
+def test_is_dicom_series_tells_series_folders_apart_quietly(tmp_path, hu, capfd):
+    from medcycle.io import is_dicom_series
+
+    write_ct_series(tmp_path / "ct", hu, oblique_anisotropic())
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not DICOM")
+    assert is_dicom_series(tmp_path / "ct")
+    assert not is_dicom_series(tmp_path / "other")
+    assert not is_dicom_series(tmp_path / "missing")
+    assert "No Series" not in capfd.readouterr().err  # GDCM's warning is silenced
