@@ -83,6 +83,19 @@ def is_dicom_series(folder: str | os.PathLike) -> bool:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
 
 
+def find_named_volume(folder: str | os.PathLike, name: str) -> Optional[Path]:
+    """`folder/name.<volume suffix>` (``.nii.gz`` first), or `folder/name/` when it holds a DICOM series."""
+    folder = Path(folder)
+    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):  # ".nii.gz" before ".nii"
+        candidate = folder / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    candidate = folder / name
+    if candidate.is_dir() and is_dicom_series(candidate):
+        return candidate
+    return None
+
+
 def dicom_series_files(folder: Path) -> list[str]:
     """The sorted files of the single DICOM series in `folder`; refuses none or several series."""
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))

@@ -45,7 +45,16 @@ import numpy as np
 import torch
 
 from medcycle.errors import InputError, MedcycleError, UsageError
-from medcycle.io import NIFTI_SUFFIXES, VOLUME_SUFFIXES, Volume, check_same_grid, is_dicom_series, load_volume, save_nifti
+from medcycle.io import (
+    NIFTI_SUFFIXES,
+    VOLUME_SUFFIXES,
+    Volume,
+    check_same_grid,
+    find_named_volume,
+    is_dicom_series,
+    load_volume,
+    save_nifti,
+)
 
 AIR_HU = -1000.0
 # Output voxels resampled per MONAI SpatialResample call (its sampling grid is 3 floats per voxel).
@@ -78,18 +87,6 @@ def _volume_suffix(path: Path) -> Optional[str]:
 def _stem(path: Path) -> str:
     suffix = _volume_suffix(path)
     return path.name[: -len(suffix)] if suffix and path.is_file() else path.name
-
-
-def _find_named(folder: Path, name: str) -> Optional[Path]:
-    """`folder/name.<volume suffix>`, or `folder/name/` when it holds a DICOM series."""
-    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
-        candidate = folder / f"{name}{suffix}"
-        if candidate.is_file():
-            return candidate
-    candidate = folder / name
-    if candidate.is_dir() and is_dicom_series(candidate):
-        return candidate
-    return None
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -157,9 +154,9 @@ def _plan_folder(input: Path, output: Path, dicom_out: Optional[Path]) -> tuple[
         if entry.is_dir():
             if _inside(output, entry) or (dicom_out is not None and _inside(dicom_out, entry)):
                 continue  # our own output folder inside the input folder
-            mr = _find_named(entry, "mr")
+            mr = find_named_volume(entry, "mr")
             if mr is not None:
-                cases.append(Case(entry.name, mr, output / entry.name / "sct.nii.gz", _find_named(entry, "mask"),
+                cases.append(Case(entry.name, mr, output / entry.name / "sct.nii.gz", find_named_volume(entry, "mask"),
                                   dicom_out / entry.name if dicom_out else None))
             elif is_dicom_series(entry):
                 cases.append(Case(entry.name, entry, output / f"{entry.name}_sct.nii.gz", None,
@@ -170,7 +167,7 @@ def _plan_folder(input: Path, output: Path, dicom_out: Optional[Path]) -> tuple[
             stem = _stem(entry)
             if stem.endswith(("_sct", "_mask")):  # our outputs; masks of the flat layout
                 continue
-            cases.append(Case(stem, entry, output / f"{stem}_sct.nii.gz", _find_named(input, f"{stem}_mask"),
+            cases.append(Case(stem, entry, output / f"{stem}_sct.nii.gz", find_named_volume(input, f"{stem}_mask"),
                               dicom_out / stem if dicom_out else None))
     if not cases:
         raise InputError(

@@ -31,7 +31,7 @@ from typing import Any, Optional
 import numpy as np
 
 from medcycle.errors import InputError, MedcycleError, UsageError
-from medcycle.io import is_dicom_series
+from medcycle.io import find_named_volume, is_dicom_series
 
 VOLUME_SUFFIXES_ORDERED = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 CSV_COLUMNS = ("case", "mae", "psnr", "ssim", "mae_bone", "mae_air", "mae_soft")
@@ -54,18 +54,6 @@ class EvalCase:
 # finding the cases
 
 
-def _find_named(folder: Path, name: str) -> Optional[Path]:
-    """`folder/name.<volume suffix>`, or `folder/name/` holding a DICOM series."""
-    for suffix in VOLUME_SUFFIXES_ORDERED:
-        candidate = folder / f"{name}{suffix}"
-        if candidate.is_file():
-            return candidate
-    candidate = folder / name
-    if candidate.is_dir() and is_dicom_series(candidate):
-        return candidate
-    return None
-
-
 def _stem(path: Path) -> str:
     lower = path.name.lower()
     for suffix in VOLUME_SUFFIXES_ORDERED:
@@ -79,7 +67,7 @@ def _reference_cases(ref: Path) -> list[tuple[str, Path]]:
     cases = []
     for entry in sorted(ref.iterdir()):
         if entry.is_dir() and not entry.name.startswith("."):
-            ct = _find_named(entry, "ct")
+            ct = find_named_volume(entry, "ct")
             if ct is not None:
                 cases.append((entry.name, ct))
     return cases
@@ -88,11 +76,11 @@ def _reference_cases(ref: Path) -> list[tuple[str, Path]]:
 def _plan_folder(pred: Path, ref: Path) -> list[EvalCase]:
     cases = []
     for name, ct in _reference_cases(ref):
-        prediction = _find_named(pred / name, "sct") if (pred / name).is_dir() else None
+        prediction = find_named_volume(pred / name, "sct") if (pred / name).is_dir() else None
         if prediction is None:
-            prediction = _find_named(pred, f"{name}_sct")
-        cases.append(EvalCase(name=name, pred=prediction, ref=ct, mask=_find_named(ref / name, "mask"),
-                              mr=_find_named(ref / name, "mr"),
+            prediction = find_named_volume(pred, f"{name}_sct")
+        cases.append(EvalCase(name=name, pred=prediction, ref=ct, mask=find_named_volume(ref / name, "mask"),
+                              mr=find_named_volume(ref / name, "mr"),
                               expected=f"{pred / name / 'sct.nii.gz'} or {pred / (name + '_sct.nii.gz')}"))
     return cases
 
