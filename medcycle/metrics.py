@@ -62,7 +62,8 @@ __all__ = [
 # validation
 
 
-def _check_window(window: tuple[float, float]) -> tuple[float, float]:
+def check_window(window: tuple[float, float]) -> tuple[float, float]:
+    """`window` as two floats ``(lo, hi)``; ValueError unless both are finite and ``hi > lo``."""
     try:
         lo, hi = (float(v) for v in window)
     except (TypeError, ValueError):
@@ -185,7 +186,7 @@ def psnr(pred: np.ndarray, ref: np.ndarray, mask: Optional[np.ndarray],
 
     ``inf`` when the clipped images agree on every mask voxel.
     """
-    lo, hi = _check_window(window)
+    lo, hi = check_window(window)
     pred_a, ref_a, mask_a = _prepare(pred, ref, mask)
     return _psnr(pred_a, ref_a, mask_a, lo, hi)
 
@@ -199,7 +200,7 @@ def ssim(pred: np.ndarray, ref: np.ndarray, mask: Optional[np.ndarray],
     map's mean over the mask voxels at least 3 voxels from every border (NaN when there is none).
     Arrays must be at least 7 voxels along every axis.
     """
-    lo, hi = _check_window(window)
+    lo, hi = check_window(window)
     pred_a, ref_a, mask_a = _prepare(pred, ref, mask)
     return _ssim(pred_a, ref_a, mask_a, lo, hi)
 
@@ -218,7 +219,7 @@ def image_metrics(pred: np.ndarray, ref: np.ndarray, mask: Optional[np.ndarray],
     `pred` and `ref` in HU, 2D (at least 7x7) or 3D arrays of one shape; `mask` > 0 marks the voxels
     scored (None: all). Raises ValueError for mismatched shapes, a bad window or an empty mask.
     """
-    lo, hi = _check_window(window)
+    lo, hi = check_window(window)
     pred_a, ref_a, mask_a = _prepare(pred, ref, mask)
     result = {
         "mae": _mae(pred_a, ref_a, mask_a),

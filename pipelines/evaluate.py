@@ -234,12 +234,12 @@ def run(pred: str | Path, ref: str | Path, mask: Optional[str | Path] = None, ou
     mask_path = Path(mask) if mask is not None else None
     mr_path = Path(mr) if mr is not None else None
     out_path = Path(out) if out is not None else None
+    from medcycle.metrics import check_window
+
     try:
-        lo, hi = (float(v) for v in window)
-    except (TypeError, ValueError):
-        raise UsageError(f"--window needs two numbers LO HI, got {window!r}") from None
-    if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
-        raise UsageError(f"--window LO HI needs LO < HI, got {lo:g} {hi:g}")
+        lo, hi = check_window(window)
+    except ValueError as exc:
+        raise UsageError(f"--window: {exc}") from None
     if not ref.exists():
         raise InputError(f"{ref}: no such reference CT file or folder")
     if not pred.exists():

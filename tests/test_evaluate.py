@@ -191,3 +191,11 @@ def test_usage_and_input_errors(tmp_path, capfd):
     code = main(["evaluate", "--pred", str(tmp_path / "sct"), "--ref", str(empty)])
     err = capfd.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "no cases" in err[0]
+
+
+def test_an_impossible_window_is_a_usage_error(tmp_path):
+    import pipelines.evaluate
+    from medcycle.errors import UsageError
+
+    with pytest.raises(UsageError, match="--window: window must be finite with hi > lo"):
+        pipelines.evaluate.run(pred=tmp_path / "sct.nii.gz", ref=tmp_path / "ct.nii.gz", window=(3000.0, -1024.0))
