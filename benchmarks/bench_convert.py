@@ -1,6 +1,7 @@
 """Benchmark `medcycle convert`: the fast path against a naive one-slice-at-a-time fp32 loop.
 
-    python benchmarks/bench_convert.py            # full run (a few minutes on 2 CPU cores)
+    python benchmarks/bench_convert.py            # full run (about 12 minutes on 2 CPU cores)
+    python benchmarks/bench_convert.py --rounds 1 --slices-256 32   # about 3 minutes
     python benchmarks/bench_convert.py --quick    # small sizes, checks that the script works
 
 For each model (random weights, written to a real checkpoint):
@@ -9,7 +10,9 @@ For each model (random weights, written to a real checkpoint):
 * ``demo``: ``configs/demo_cpu.yaml`` when present (else tile 64, width 32, 6 blocks, context 3),
 
 a 256 x 256 x 160 head-like MRI (1 mm) is converted end to end (read, preprocess, synthesize, back to
-the input grid, write int16 NIfTI) twice, each in its own subprocess:
+the input grid, write int16 NIfTI) in two ways, each in its own subprocess, alternating for
+``--rounds`` rounds (this shared machine's speed drifts by 10-20 % between minutes, so a single pair
+of runs can mislead):
 
 * ``fast``: :func:`pipelines.convert.run` as shipped (MONAI SliceInferer, batches of windows, bf16
   autocast where the CPU has native bf16 and the checkpoint asks for AMP, body-mask window skipping);
@@ -17,10 +20,11 @@ the input grid, write int16 NIfTI) twice, each in its own subprocess:
   slice at a time, fp32, batch 1 (windows of a slice larger than the tile are run one by one with
   the same gaussian blending, so both compute the same function).
 
-Reported: seconds of ``run()`` (and the speed-up), peak RSS of the subprocess, and the MAE in HU
-between the two sCTs inside the body and over the whole volume. The 256-px model is slow on 2 cores,
-so by default it is timed on the middle ``--slices-256`` slices and the times are scaled to 160 slices
-(the work is linear in the number of slices; the table says so). Finally the peak RSS of converting a
+Reported: the median seconds of ``run()`` over the rounds, the speed-up as the median of the
+per-round ratios, peak RSS of the subprocesses, and the MAE in HU between the two sCTs inside the body
+and over the whole volume. ``--slices-256 N`` times the 256-px model on the middle N slices only and
+scales the times to 160 slices (the table says so; fixed costs such as loading the model are then
+scaled too, which understates the speed-up). Finally the peak RSS of converting a
 512 x 512 x 300 volume is measured in a subprocess with the 256-px model; its body fills only
 ``--band`` slices, so only those windows run: the full-size arrays (which set the peak) are all
 exercised without spending an hour of CPU on inference.
@@ -224,6 +228,23 @@ def run_child(mode: str, model: Path, volume: Path, output: Path, threads: int, 
     return record
 
 
+def rounds_of(rounds: int, model: Path, volume: Path, tmp: Path, threads: int, batch_size: int) -> tuple[dict, dict]:
+    """`rounds` alternating fast/naive conversions (the order flips each round); median seconds, max peak RSS.
+
+    ``fast["ratios"]`` holds each round's naive / fast seconds; ``fast["speedup"]`` their median.
+    """
+    runs: dict[str, list[dict]] = {"fast": [], "naive": []}
+    for r in range(max(1, rounds)):
+        for mode in (("fast", "naive") if r % 2 == 0 else ("naive", "fast")):
+            runs[mode].append(run_child(mode, model, volume, tmp / f"{mode}.nii.gz", threads, batch_size))
+    ratios = [n["seconds"] / f["seconds"] for f, n in zip(runs["fast"], runs["naive"])]
+
+    def summary(records: list[dict]) -> dict:
+        return {"seconds": float(np.median([x["seconds"] for x in records])), "peak_rss": max(x["peak_rss"] for x in records)}
+
+    return {**summary(runs["fast"]), "ratios": ratios, "speedup": float(np.median(ratios))}, summary(runs["naive"])
+
+
 def mae(a: Path, b: Path, body: np.ndarray) -> tuple[float, float]:
     import nibabel as nib
 
@@ -239,7 +260,8 @@ def mae(a: Path, b: Path, body: np.ndarray) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: checks the script in seconds")
-    parser.add_argument("--slices-256", type=int, default=32, help="slices the 256-px model is timed on (default 32; 160 = all)")
+    parser.add_argument("--slices-256", type=int, default=160, help="slices the 256-px model is timed on (default: all 160)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating fast/naive rounds per model (default 3)")
     parser.add_argument("--band", type=int, default=8, help="body slices of the 512 x 512 x 300 volume (default 8)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--batch-size", type=int, default=8)
@@ -261,7 +283,7 @@ def main() -> None:
 
     if args.quick:
         args.fit_seconds = min(args.fit_seconds, 5.0)
-    size, slices = ((96, 96, 24), 8) if args.quick else ((256, 256, 160), min(args.slices_256, 160))
+    size, slices = ((128, 128, 24), 8) if args.quick else ((256, 256, 160), min(args.slices_256, 160))
     large = (128, 128, 60) if args.quick else (512, 512, 300)
     demo_data, demo_model, demo_amp, demo_source = demo_settings()
     big_data = {"tile_size": 96 if args.quick else 256, "context_slices": 1, "spacing": [1.0, 1.0]}
@@ -286,18 +308,17 @@ def main() -> None:
              make_checkpoint(tmp / "demo.pt", demo_data, {**demo_model}, amp=demo_amp), full_path, body_full, size[2]),
         ]
         for label, model, volume, body, measured in models:
-            fast = run_child("fast", model, volume, tmp / "fast.nii.gz", args.threads, args.batch_size)
-            naive = run_child("naive", model, volume, tmp / "naive.nii.gz", args.threads, args.batch_size)
+            fast, naive = rounds_of(args.rounds, model, volume, tmp, args.threads, args.batch_size)
             mae_body, mae_all = mae(tmp / "fast.nii.gz", tmp / "naive.nii.gz", body)
             scale = size[2] / measured
             rows.append((label, measured, scale, fast, naive, mae_body, mae_all))
-            print(f"  measured {label}: fast {fast['seconds']:.1f}s, naive {naive['seconds']:.1f}s on {measured} slices", flush=True)
+            print(f"  measured {label}: fast {fast['seconds']:.1f}s, naive {naive['seconds']:.1f}s on {measured} slices "
+                  f"(medians of {args.rounds}; per-round speed-ups {', '.join(f'{r:.2f}' for r in fast['ratios'])})", flush=True)
 
         fitted_row = None
         if args.fit_seconds > 0:
             fitted, steps = fit_generator(models[1][1], tmp / "demo_fitted.pt", mr, args.fit_seconds)
-            fast = run_child("fast", fitted, part_path, tmp / "fast.nii.gz", args.threads, args.batch_size)
-            naive = run_child("naive", fitted, part_path, tmp / "naive.nii.gz", args.threads, args.batch_size)
+            fast, naive = rounds_of(1, fitted, part_path, tmp, args.threads, args.batch_size)
             fitted_row = (steps, slices, fast, naive, *mae(tmp / "fast.nii.gz", tmp / "naive.nii.gz", body_part))
             print(f"  measured fitted demo model ({steps} steps): MAE {fitted_row[4]:.2f} HU in the body", flush=True)
 
@@ -316,7 +337,7 @@ def main() -> None:
     for label, measured, scale, fast, naive, mae_body, mae_all in rows:
         note = "" if scale == 1 else f" (x{scale:g} from {measured})"
         print(f"| {label} | {size[2]}{note} | {naive['seconds'] * scale:.1f} | {fast['seconds'] * scale:.1f} | "
-              f"{naive['seconds'] / fast['seconds']:.2f}x | {naive['peak_rss'] / GiB:.2f} GiB | {fast['peak_rss'] / GiB:.2f} GiB | "
+              f"{fast['speedup']:.2f}x | {naive['peak_rss'] / GiB:.2f} GiB | {fast['peak_rss'] / GiB:.2f} GiB | "
               f"{mae_body:.2f} | {mae_all:.2f} |")
     if fitted_row:
         steps, measured, fast, naive, mae_body, mae_all = fitted_row

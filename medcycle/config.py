@@ -70,6 +70,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     decay_from: float = 0.5  # fraction of the run after which the lr decays linearly to zero
     pool_size: int = 50
+    ema: float = 0.0  # decay of a moving average of the MR-to-CT generator's weights (0 = off), used to convert
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -127,6 +128,7 @@ class Config:
         _check(all(0 <= b < 1 for b in t.betas), "train.betas", "must be in [0, 1)", list(t.betas))
         _check(0 <= t.decay_from <= 1, "train.decay_from", "must be in [0, 1]", t.decay_from)
         _check(t.pool_size >= 0, "train.pool_size", "must be >= 0", t.pool_size)
+        _check(0 <= t.ema < 1, "train.ema", "must be in [0, 1) (0 = off; 0.999 averages ~1000 iterations)", t.ema)
         _check(t.workers >= 0, "train.workers", "must be >= 0", t.workers)
         for name in ("log_every", "image_every", "val_every", "checkpoint_every", "val_max_tiles"):
             _check(getattr(t, name) >= 1, f"train.{name}", "must be >= 1", getattr(t, name))

@@ -8,7 +8,10 @@ volume already on the model grid (oriented, resampled in-plane, normalised to [-
 * 2.5D: with ``context_slices = k > 1`` the k neighbouring slices (edge slices replicated) are given
   as channels and the centre output channel is kept;
 * windows are run ``batch_size`` at a time in ``torch.inference_mode`` with bf16 autocast when AMP
-  is asked for and the device supports it, channels-last on CUDA;
+  is asked for and the device supports it, channels-last on CUDA; on a CPU with native bf16 a bf16
+  copy of the generator runs instead of autocast (the same arithmetic: autocast also rounds weights
+  and activations to bf16 for every convolution, but it casts the weights again on every call;
+  measured 5 % faster with the 256-px generator);
 * CPU tuning, measured on a 2-core AVX512-BF16 CPU with InstanceNorm ResNet generators: channels-last
   is 10-15 % slower there (InstanceNorm converts back and forth), so it is off on CPU unless asked
   for; and a forward pass holds at most ``CPU_BATCH_PIXELS`` pixels (a 256-px tile alone, eight
@@ -22,6 +25,7 @@ volume already on the model grid (oriented, resampled in-plane, normalised to [-
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Callable, Optional, Union
 
@@ -132,7 +136,10 @@ def synthesize(
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if device.type == "cpu":
         batch_size = max(1, min(batch_size, CPU_BATCH_PIXELS // (tile_size * tile_size)))
+    input_dtype = torch.float32
     if isinstance(generator, torch.nn.Module):
+        if device.type == "cpu" and dtype is torch.bfloat16:
+            generator, input_dtype, dtype = copy.deepcopy(generator).to(torch.bfloat16), torch.bfloat16, None
         generator = generator.to(device=device, memory_format=memory_format).eval()
 
     def network(window: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -146,7 +153,7 @@ def synthesize(
             if bool(keep.all()):
                 keep = None
         batch = window if keep is None else window[keep]
-        batch = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        batch = batch.to(device, dtype=input_dtype, non_blocking=True).contiguous(memory_format=memory_format)
         with _autocast(device, dtype):
             result = generator(batch)
         result = result[:, centre : centre + 1].float().to(out.device)
@@ -199,10 +206,9 @@ synthesize_volume = synthesize
 
 def _grow(mask: torch.Tensor) -> torch.Tensor:
     """(1, X, Y, z) float 0/1: the body mask grown in-plane by ``MASK_MARGIN`` voxels."""
-    size = 2 * MASK_MARGIN + 1
-    return torch.nn.functional.max_pool3d(
-        (mask > 0).float()[None], kernel_size=(size, size, 1), stride=1, padding=(MASK_MARGIN, MASK_MARGIN, 0)
-    )[0]
+    slices = (mask[0] > 0).float().permute(2, 0, 1)[:, None].contiguous()  # (z, 1, X, Y): 2D pooling is 2x faster
+    grown = torch.nn.functional.max_pool2d(slices, 2 * MASK_MARGIN + 1, stride=1, padding=MASK_MARGIN)
+    return grown[:, 0].permute(1, 2, 0)[None]
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:

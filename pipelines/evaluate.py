@@ -270,9 +270,14 @@ def run(pred: str | Path, ref: str | Path, mask: Optional[str | Path] = None, ou
 def _evaluate(cases: list[EvalCase], window: tuple[float, float], out: Optional[Path], folder_mode: bool,
               pred_root: Path) -> dict:
     table = _Table([c.name for c in cases], show_mask=folder_mode)
-    print(f"SynthRAD metrics inside the body mask; PSNR/SSIM window [{window[0]:g}, {window[1]:g}] HU; "
-          "MAE in bone (CT >= 250 HU), air (CT < -400 HU) and soft tissue (the rest)")
-    print(table.header())
+    heading = [f"SynthRAD metrics inside the body mask; PSNR/SSIM window [{window[0]:g}, {window[1]:g}] HU; "
+               "MAE in bone (CT >= 250 HU), air (CT < -400 HU) and soft tissue (the rest)", table.header()]
+
+    def emit(line: str) -> None:  # the heading comes with the first line: a refused single case prints only its error
+        while heading:
+            print(heading.pop(0))
+        print(line, flush=True)
+
     rows: list[dict[str, Any]] = []
     masks: dict[str, str] = {}
     failed: dict[str, str] = {}
@@ -281,7 +286,7 @@ def _evaluate(cases: list[EvalCase], window: tuple[float, float], out: Optional[
         if case.pred is None:
             missing.append(case.name)
             failed[case.name] = f"no prediction (looked for {case.expected})"
-            print(table.note(case.name, f"MISSING prediction: looked for {case.expected}"), flush=True)
+            emit(table.note(case.name, f"MISSING prediction: looked for {case.expected}"))
             continue
         try:
             metrics, mask_source = evaluate_case(case, window, out)
@@ -289,19 +294,19 @@ def _evaluate(cases: list[EvalCase], window: tuple[float, float], out: Optional[
             if not folder_mode:
                 raise
             failed[case.name] = str(exc)
-            print(table.note(case.name, f"FAILED: {exc}"), flush=True)
+            emit(table.note(case.name, f"FAILED: {exc}"))
             continue
         except Exception as exc:  # noqa: BLE001 - one broken case must not stop the others
             if not folder_mode:
                 raise
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             failed[case.name] = f"{type(exc).__name__}: {text}"
-            print(table.note(case.name, f"FAILED: {failed[case.name]}"), flush=True)
+            emit(table.note(case.name, f"FAILED: {failed[case.name]}"))
             continue
         rows.append({"case": case.name, **metrics})
         masks[case.name] = mask_source
         short = "file" if case.mask is not None else "from CT"
-        print(table.row(case.name, metrics, short), flush=True)
+        emit(table.row(case.name, metrics, short))
 
     summary: dict[str, Any] = {key: _stats([r[key] for r in rows]) for key in SUMMARY_KEYS}
     summary.update({"cases": len(rows), "window": [window[0], window[1]], "masks": masks,

@@ -297,6 +297,10 @@ def test_synthesize_skips_windows_without_body_and_runs_bf16(monkeypatch):
     model = torch.nn.Conv2d(1, 1, 3, padding=1)
     out = inferers.synthesize(model, volume, tile_size=16, amp="bf16")
     assert out.dtype == torch.float32 and out.shape == volume.shape
+    assert model.weight.dtype == torch.float32  # the bf16 copy is the inferer's own
+    with torch.no_grad():
+        fp32 = inferers.synthesize(model, volume, tile_size=16, amp="none")
+    assert 0 < (out - fp32).abs().max() < 0.05  # bf16 rounding, no more
 
 
 # --------------------------------------------------------------------------------------------------

@@ -136,8 +136,9 @@ def test_grid_mismatch_is_one_line_naming_both_files(tmp_path, capfd):
     shifted[0, 3] += 4.0
     write_nifti(bad, sct, shifted, np.int16)
     code = main(["evaluate", "--pred", str(bad), "--ref", str(tmp_path / "c" / "ct.nii.gz"), "--out", str(tmp_path / "r")])
-    err = capfd.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1
+    captured = capfd.readouterr()
+    err = captured.err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and captured.out == ""  # no table heading for a refused case
     assert str(bad) in err[0] and str(tmp_path / "c" / "ct.nii.gz") in err[0]
     assert not (tmp_path / "r" / "metrics.csv").exists()
 

@@ -147,7 +147,7 @@ def test_networks_learn_and_losses_decrease(cache):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_bit_identical_to_a_straight_run(cache, tmp_path, workers):
     settings = ["train.deterministic=true", f"train.workers={workers}", "train.batch_size=2", "train.crop_size=24",
-                "train.decay_from=0.3", "loss.pairing=hybrid", "loss.structure=0.5", "train.checkpoint_every=3",
+                "train.decay_from=0.3", "loss.pairing=hybrid", "loss.structure=0.5", "train.ema=0.9", "train.checkpoint_every=3",
                 "train.val_every=2", "train.log_every=1", "train.image_every=1000", "train.pool_size=2"]
     straight = train(cache, tmp_path / "straight", *settings, max_iters=10)
     first = train(cache, tmp_path / "resumed", *settings, max_iters=10, stop_after=5)
@@ -161,6 +161,8 @@ def test_resume_is_bit_identical_to_a_straight_run(cache, tmp_path, workers):
             assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     assert torch.equal(a["pools"]["ct"]["images"], b["pools"]["ct"]["images"])
     assert a["sampler"] == b["sampler"]
+    assert a["ema"]["n_averaged"] == b["ema"]["n_averaged"] == 10
+    assert all(torch.equal(v, b["ema"]["G_mr2ct"][k]) for k, v in a["ema"]["G_mr2ct"].items())
     # the same validations (the interrupted session also validated when it stopped, at 5)
     assert [h for h in b["metrics"]["history"] if h["iteration"] != 5] == a["metrics"]["history"]
     drop = ("elapsed_s", "it_per_s")
@@ -201,6 +203,31 @@ def test_loss_terms_are_logged_exactly_when_on(cache, tmp_path, overrides, prese
     for name in absent:
         assert name not in log[0], name
     assert all(float(r["G"]) > 0 for r in log)
+
+
+def test_weight_average_follows_the_generator_and_is_what_conversion_loads(cache, tmp_path):
+    config = load_config(None, [*TINY, "train.ema=0.75", "train.lr=1e-2", "train.amp=none"])
+    trainer = CycleGANTrainer(config)
+    batch = {"mr": torch.rand(1, 1, 32, 32) * 2 - 1, "ct": torch.rand(1, 1, 32, 32) * 2 - 1}
+    weights = []
+    for _ in range(3):
+        trainer.set_input(batch)
+        trainer.optimize_parameters()
+        weights.append({k: v.clone() for k, v in trainer.nets["G_mr2ct"].state_dict().items()})
+    # the first update copies, each later one moves 1 - decay of the way towards the new weights
+    expected = {k: 0.75 * (0.75 * weights[0][k] + 0.25 * weights[1][k]) + 0.25 * weights[2][k] for k in weights[0]}
+    averaged = trainer.ema.module.state_dict()
+    assert all(torch.allclose(averaged[k], v, atol=1e-6) for k, v in expected.items())
+    assert not torch.allclose(averaged["model.1.conv.weight"], weights[2]["model.1.conv.weight"])
+    mr = np.random.default_rng(0).uniform(-1, 1, (2, 1, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        by_average = trainer.ema.module.eval()(torch.from_numpy(mr)).numpy()
+    np.testing.assert_allclose(trainer.translate(mr), by_average, atol=1e-6)  # validation and sheets use it
+    from medcycle.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "c.pt", {**trainer.state_dict(), "config": config.to_dict(), "preprocessing": {}})
+    generator, _, _ = load_generator(tmp_path / "c.pt")
+    assert all(torch.equal(generator.state_dict()[k], v) for k, v in averaged.items())
 
 
 def test_amp_channels_last_and_float32_losses():

@@ -10,7 +10,11 @@ and :meth:`~CycleGANTrainer.optimize_parameters`, with
 * optional structure terms: MIND (``loss.structure``, Yang et al. 2018) and gradient consistency
   (``loss.gradient``, Hiasa et al. 2018) between each real image and its translation;
 * with ``loss.pairing`` ``paired``/``hybrid``: L1 (``loss.paired``) and 1 - SSIM (``loss.paired_ssim``)
-  between a translation and the registered partner of its input, on the samples that have one.
+  between a translation and the registered partner of its input, on the samples that have one;
+* with ``train.ema`` > 0: an exponential moving average of G_mr2ct's weights
+  (:class:`torch.optim.swa_utils.AveragedModel`), updated after every generator step. Validation,
+  preview sheets and conversion use the average: a GAN's weights oscillate from step to step, their
+  average less.
 
 A weight of 0 switches a term off: it is neither computed nor logged.
 
@@ -40,6 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medcycle.config import Config
 from medcycle.errors import UsageError
@@ -200,6 +205,9 @@ class CycleGANTrainer:
         self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, self.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
         self.pool_ct, self.pool_mr = ImagePool(train.pool_size), ImagePool(train.pool_size)
+        self.ema: Optional[AveragedModel] = None
+        if train.ema > 0:
+            self.ema = AveragedModel(self.nets["G_mr2ct"], multi_avg_fn=get_ema_multi_avg_fn(train.ema), use_buffers=True)
 
         self.adv = adversarial_loss()
         self.mind = MINDLoss() if w.structure > 0 else None
@@ -355,6 +363,8 @@ class CycleGANTrainer:
         self.opt_G.zero_grad(set_to_none=True)
         self.backward_G()
         self.scaler.step(self.opt_G)
+        if self.ema is not None:
+            self.ema.update_parameters(self.nets["G_mr2ct"])
         if adversarial:
             self.set_requires_grad(self.D.parameters(), True)
             self.opt_D.zero_grad(set_to_none=True)
@@ -387,8 +397,9 @@ class CycleGANTrainer:
     # evaluation (plain networks, eval mode, no autograd)
 
     def translate(self, images: np.ndarray | torch.Tensor, direction: str = "G_mr2ct") -> np.ndarray:
-        """Run generator `direction` over ``(N, k, H, W)`` images in [-1, 1]; returns float32 numpy."""
-        net = self.nets[direction]
+        """Run generator `direction` (G_mr2ct: its moving average, when kept) over ``(N, k, H, W)`` images
+        in [-1, 1]; returns float32 numpy."""
+        net = self.ema.module if direction == "G_mr2ct" and self.ema is not None else self.nets[direction]
         images = torch.as_tensor(np.asarray(images, dtype=np.float32))
         side = images.shape[-1] * images.shape[-2]
         chunk = max(1, CPU_BATCH_PIXELS // side) if self.device.type == "cpu" else 16
@@ -445,15 +456,19 @@ class CycleGANTrainer:
     def digest(self) -> str:
         """sha256 of every network parameter (to compare ranks or runs)."""
         h = hashlib.sha256()
-        for name in NET_NAMES:
-            for key, value in self.nets[name].state_dict().items():
+        nets = [self.nets[name] for name in NET_NAMES] + ([self.ema] if self.ema is not None else [])
+        for net in nets:
+            for key, value in net.state_dict().items():
                 h.update(key.encode())
                 h.update(value.detach().contiguous().cpu().numpy().tobytes())
         return h.hexdigest()
 
     def state_dict(self) -> dict[str, Any]:
-        """Networks (plain), optimisers, schedules, scaler, pools and RNG states of this process."""
-        return {
+        """Networks (plain), optimisers, schedules, scaler, pools and RNG states of this process.
+
+        With ``train.ema``, ``ema`` holds the averaged G_mr2ct (``G_mr2ct``) and ``n_averaged``.
+        """
+        state = {
             "iteration": self.iteration,
             "nets": {name: {k: v.detach().clone().contiguous() for k, v in self.nets[name].state_dict().items()}
                      for name in NET_NAMES},
@@ -463,6 +478,10 @@ class CycleGANTrainer:
             "pools": self.pool_state(),
             "rng": rng_state(),
         }
+        if self.ema is not None:
+            state["ema"] = {"G_mr2ct": {k: v.detach().clone() for k, v in self.ema.module.state_dict().items()},
+                            "n_averaged": int(self.ema.n_averaged)}
+        return state
 
     def pool_state(self) -> dict[str, Any]:
         return {"ct": self.pool_ct.state_dict(), "mr": self.pool_mr.state_dict()}
@@ -482,6 +501,9 @@ class CycleGANTrainer:
         if pools:
             self.pool_ct.load_state_dict(pools["ct"])
             self.pool_mr.load_state_dict(pools["mr"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"]["G_mr2ct"])
+            self.ema.n_averaged.fill_(int(state["ema"]["n_averaged"]))
         self.iteration = int(state["iteration"])
         if restore_rng and state.get("rng"):
             set_rng_state(state["rng"])
