@@ -14,15 +14,19 @@ the input grid, write int16 NIfTI) in two ways, each in its own subprocess, alte
 ``--rounds`` rounds (this shared machine's speed drifts by 10-20 % between minutes, so a single pair
 of runs can mislead):
 
-* ``fast``: :func:`pipelines.convert.run` as shipped (MONAI SliceInferer, batches of windows, bf16
-  autocast where the CPU has native bf16 and the checkpoint asks for AMP, body-mask window skipping);
+* ``fast``: :func:`pipelines.convert.run` as shipped (MONAI SliceInferer over the body's region, as
+  training tiles are cut; batches of windows; on a CPU a bf16 copy of the generator where the CPU
+  has native bf16 and the checkpoint asks for AMP; body-mask window skipping);
 * ``naive``: the same pipeline with the inference replaced by the seed tutorial's loop: one axial
-  slice at a time, fp32, batch 1 (windows of a slice larger than the tile are run one by one with
-  the same gaussian blending, so both compute the same function).
+  slice at a time, fp32, batch 1, windows over the whole slice (a slice larger than the tile is run
+  window by window with the same gaussian blending).
 
+The two place their windows differently (on the body, as in training, against over the whole
+slice), so besides them ``fp32``, the shipped pipeline with AMP off, runs once: the MAE of ``fast``
+against it is the cost of bf16 alone (the target), against ``naive`` that plus the placement.
 Reported: the median seconds of ``run()`` over the rounds, the speed-up as the median of the
-per-round ratios, peak RSS of the subprocesses, and the MAE in HU between the two sCTs inside the body
-and over the whole volume. ``--slices-256 N`` times the 256-px model on the middle N slices only and
+per-round ratios, peak RSS of the subprocesses, and the MAE in HU between the sCTs inside the body
+(and over the whole volume against fp32). ``--slices-256 N`` times the 256-px model on the middle N slices only and
 scales the times to 160 slices (the table says so; fixed costs such as loading the model are then
 scaled too, which understates the speed-up). Finally the peak RSS of converting a
 512 x 512 x 300 volume is measured in a subprocess with the 256-px model; its body fills only
@@ -172,7 +176,7 @@ def fit_generator(source: Path, target: Path, mr: np.ndarray, seconds: float, se
 # the naive loop (the seed tutorial's way)
 
 
-def naive_synthesize(generator, mr_norm, mask, config, device, batch_size):
+def naive_synthesize(generator, mr_norm, mask, config, device, batch_size, tta):
     """One axial slice at a time, fp32, batch 1, contiguous NCHW; same windows and blending."""
     import torch
     from monai.inferers import sliding_window_inference
@@ -200,6 +204,17 @@ def naive_synthesize(generator, mr_norm, mask, config, device, batch_size):
 # child process: one conversion, timed, with its peak RSS
 
 
+def amp_off(synthesize_case):
+    """`synthesize_case` with the checkpoint's AMP setting replaced by none."""
+    import dataclasses
+
+    def fp32_synthesize(generator, mr_norm, mask, config, device, batch_size, tta):
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, amp="none"))
+        return synthesize_case(generator, mr_norm, mask, config, device, batch_size, tta=tta)
+
+    return fp32_synthesize
+
+
 def child(args: argparse.Namespace) -> None:
     import torch
 
@@ -208,8 +223,10 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if args.child == "naive":
         convert.synthesize_case = naive_synthesize
+    elif args.child == "fp32":
+        convert.synthesize_case = amp_off(convert.synthesize_case)
     started = time.perf_counter()
-    convert.run(args.input, args.output, args.model, overwrite=True, batch_size=args.batch_size, device="cpu")
+    convert.run(args.input, args.output, args.model, overwrite=True, batch_size=args.batch_size, device="cpu", tta="none")
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     print(json.dumps({"seconds": seconds, "peak_rss": peak}))
@@ -268,7 +285,7 @@ def main() -> None:
     parser.add_argument("--fit-seconds", type=float, default=60.0,
                         help="also fit the demo generator this long and report its bf16-vs-fp32 MAE (0: skip)")
     parser.add_argument("--skip-large", action="store_true", help="skip the 512 x 512 x 300 memory measurement")
-    parser.add_argument("--child", choices=("fast", "naive"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("fast", "naive", "fp32"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
@@ -307,20 +324,25 @@ def main() -> None:
             ("demo (w%d, %d blocks, tile %d, ctx %d)" % (demo_model["gen_width"], demo_model["gen_blocks"], demo_data["tile_size"], demo_data["context_slices"]),
              make_checkpoint(tmp / "demo.pt", demo_data, {**demo_model}, amp=demo_amp), full_path, body_full, size[2]),
         ]
+        def measure(model: Path, volume: Path, body: np.ndarray, rounds: int) -> tuple[dict, dict, dict, tuple]:
+            fast, naive = rounds_of(rounds, model, volume, tmp, args.threads, args.batch_size)
+            fp32 = run_child("fp32", model, volume, tmp / "fp32.nii.gz", args.threads, args.batch_size)
+            maes = (*mae(tmp / "fast.nii.gz", tmp / "fp32.nii.gz", body), mae(tmp / "fast.nii.gz", tmp / "naive.nii.gz", body)[0])
+            return fast, naive, fp32, maes
+
         for label, model, volume, body, measured in models:
-            fast, naive = rounds_of(args.rounds, model, volume, tmp, args.threads, args.batch_size)
-            mae_body, mae_all = mae(tmp / "fast.nii.gz", tmp / "naive.nii.gz", body)
+            fast, naive, fp32, maes = measure(model, volume, body, args.rounds)
             scale = size[2] / measured
-            rows.append((label, measured, scale, fast, naive, mae_body, mae_all))
-            print(f"  measured {label}: fast {fast['seconds']:.1f}s, naive {naive['seconds']:.1f}s on {measured} slices "
-                  f"(medians of {args.rounds}; per-round speed-ups {', '.join(f'{r:.2f}' for r in fast['ratios'])})", flush=True)
+            rows.append((label, measured, scale, fast, naive, fp32, maes))
+            print(f"  measured {label}: fast {fast['seconds']:.1f}s, naive {naive['seconds']:.1f}s, fp32 {fp32['seconds']:.1f}s "
+                  f"on {measured} slices (medians of {args.rounds}; per-round speed-ups "
+                  f"{', '.join(f'{r:.2f}' for r in fast['ratios'])})", flush=True)
 
         fitted_row = None
         if args.fit_seconds > 0:
             fitted, steps = fit_generator(models[1][1], tmp / "demo_fitted.pt", mr, args.fit_seconds)
-            fast, naive = rounds_of(1, fitted, part_path, tmp, args.threads, args.batch_size)
-            fitted_row = (steps, slices, fast, naive, *mae(tmp / "fast.nii.gz", tmp / "naive.nii.gz", body_part))
-            print(f"  measured fitted demo model ({steps} steps): MAE {fitted_row[4]:.2f} HU in the body", flush=True)
+            fitted_row = (steps, slices, *measure(fitted, part_path, body_part, 1))
+            print(f"  measured fitted demo model ({steps} steps): MAE {fitted_row[-1][0]:.2f} HU in the body against fp32", flush=True)
 
         large_row = None
         if not args.skip_large:
@@ -332,22 +354,27 @@ def main() -> None:
 
     shape = "x".join(map(str, size))
     print(f"\nconvert {shape} MRI (1 mm), end to end (read -> sCT NIfTI), {args.threads} CPU threads")
-    print("| model | slices timed | naive fp32 s | fast s | speed-up | naive peak RSS | fast peak RSS | MAE body HU | MAE all HU |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, measured, scale, fast, naive, mae_body, mae_all in rows:
-        note = "" if scale == 1 else f" (x{scale:g} from {measured})"
-        print(f"| {label} | {size[2]}{note} | {naive['seconds'] * scale:.1f} | {fast['seconds'] * scale:.1f} | "
-              f"{fast['speedup']:.2f}x | {naive['peak_rss'] / GiB:.2f} GiB | {fast['peak_rss'] / GiB:.2f} GiB | "
-              f"{mae_body:.2f} | {mae_all:.2f} |")
+    print("| model | slices timed | naive fp32 s | fast s | speed-up | medcycle fp32 s | naive peak RSS | fast peak RSS "
+          "| MAE vs fp32, body HU | MAE vs fp32, all HU | MAE vs naive, body HU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    fitted_rows = []
     if fitted_row:
-        steps, measured, fast, naive, mae_body, mae_all = fitted_row
-        print(f"| demo, fitted {args.fit_seconds:g} s ({steps} steps, paired L1 on the phantom) | {measured} (MAE only) | "
-              f"{naive['seconds']:.1f} | {fast['seconds']:.1f} | {naive['seconds'] / fast['seconds']:.2f}x | "
-              f"{naive['peak_rss'] / GiB:.2f} GiB | {fast['peak_rss'] / GiB:.2f} GiB | {mae_body:.2f} | {mae_all:.2f} |")
+        steps, measured, fast, naive, fp32, maes = fitted_row
+        fast = {**fast, "speedup": naive["seconds"] / fast["seconds"]}
+        fitted_rows.append((f"demo, fitted {args.fit_seconds:g} s ({steps} steps, paired L1 on the phantom)", measured, None,
+                            fast, naive, fp32, maes))
+    for label, measured, scale, fast, naive, fp32, maes in rows + fitted_rows:
+        if scale is None:
+            slices_note, scale = f"{measured} (MAE only)", 1.0
+        else:
+            slices_note = f"{size[2]}" + ("" if scale == 1 else f" (x{scale:g} from {measured})")
+        print(f"| {label} | {slices_note} | {naive['seconds'] * scale:.1f} | {fast['seconds'] * scale:.1f} | "
+              f"{fast['speedup']:.2f}x | {fp32['seconds'] * scale:.1f} | {naive['peak_rss'] / GiB:.2f} GiB | "
+              f"{fast['peak_rss'] / GiB:.2f} GiB | {maes[0]:.2f} | {maes[1]:.2f} | {maes[2]:.2f} |")
     if large_row:
         print(f"\n{'x'.join(map(str, large))} volume, 256-px model, fast path: peak RSS {large_row['peak_rss'] / GiB:.2f} GiB "
               f"(target < 4 GiB), {large_row['seconds']:.1f}s with body in {args.band} slices")
-    print("targets: MAE < 5 HU, speed-up >= 2x, 512x512x300 peak < 4 GiB")
+    print("targets: MAE < 5 HU against fp32, speed-up >= 2x, 512x512x300 peak < 4 GiB")
 
 
 if __name__ == "__main__":

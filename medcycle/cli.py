@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--dicom-out", metavar="DIR", help="also write the sCT as a CT DICOM series")
+    p.add_argument("--tta", choices=("mirror", "none"), default="mirror",
+                   help="test-time augmentation: 'mirror' (default) averages the four in-plane mirrorings of each "
+                        "slice (less invented texture; 4x the compute), 'none' runs each slice once")
 
     p = _add(sub, "evaluate", "SynthRAD2023 metrics (MAE/PSNR/SSIM in HU inside the body) and figures")
     p.add_argument("--pred", required=True, metavar="SCT", help="synthetic CT file or folder")
@@ -122,7 +125,7 @@ def _job(args: argparse.Namespace) -> Callable[[], object]:
     if args.command == "convert":
         return lambda: medcycle.convert(input=args.input, output=args.output, model=args.model, mask=args.mask,
                                         no_mask=args.no_mask, batch_size=args.batch_size, device=args.device,
-                                        overwrite=args.overwrite, dicom_out=args.dicom_out)
+                                        overwrite=args.overwrite, dicom_out=args.dicom_out, tta=args.tta)
     if args.command == "evaluate":
         return lambda: medcycle.evaluate(pred=args.pred, ref=args.ref, mask=args.mask, out=args.out, mr=args.mr,
                                          window=tuple(args.window))

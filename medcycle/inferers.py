@@ -5,20 +5,32 @@ volume already on the model grid (oriented, resampled in-plane, normalised to [-
 
 * every axial slice is cut into ``tile_size`` x ``tile_size`` windows overlapping by 25 %, blended
   with gaussian weights; a slice smaller than the tile is padded with -1 (the normalised background);
+* with a body ``mask``, only the body's in-plane region runs: a tile centred on the body's bounding
+  box, as training tiles are cut (:func:`medcycle.transforms.plan_tiles`), widened where the body
+  (grown by ``MASK_MARGIN``) reaches beyond it; outside it the output is -1. A head that fits one
+  tile then costs one window per slice instead of up to four overlapping ones;
 * 2.5D: with ``context_slices = k > 1`` the k neighbouring slices (edge slices replicated) are given
   as channels and the centre output channel is kept;
 * windows are run ``batch_size`` at a time in ``torch.inference_mode`` with bf16 autocast when AMP
-  is asked for and the device supports it, channels-last on CUDA; on a CPU with native bf16 a bf16
-  copy of the generator runs instead of autocast (the same arithmetic: autocast also rounds weights
-  and activations to bf16 for every convolution, but it casts the weights again on every call;
-  measured 5 % faster with the 256-px generator);
-* CPU tuning, measured on a 2-core AVX512-BF16 CPU with InstanceNorm ResNet generators: channels-last
-  is 10-15 % slower there (InstanceNorm converts back and forth), so it is off on CPU unless asked
-  for; and a forward pass holds at most ``CPU_BATCH_PIXELS`` pixels (a 256-px tile alone, eight
-  64-px tiles): larger batches fall out of cache and were up to 25 % slower per window;
+  is asked for and the device supports it, channels-last on CUDA;
+* on a CPU a copy of the generator runs, tuned (measured on a 2-core AVX512-BF16 CPU with the
+  ResNet generators): in bf16 when the CPU has native bf16, instead of autocast (the same
+  arithmetic: autocast also rounds weights and activations to bf16 for every convolution, but casts
+  the weights again on every call; 5 % faster with the 256-px generator); its instance norms
+  replaced by the identical group norm with one group per channel (PyTorch's CPU kernel for it is
+  faster and has a channels-last path, where instance norm converts to contiguous and back, 3x
+  slower); channels-last when every feature map keeps at least ``CPU_CHANNELS_LAST_MIN_PIXELS``
+  pixels (the 256-px generator: 275 instead of 300 ms per slice; below that size the channels-last
+  group norm kernel falls to a slow path, 30x slower at 28 x 28, so the 112-px demo model stays
+  contiguous); and a forward pass holds at most ``CPU_BATCH_PIXELS`` pixels (a 256-px tile alone,
+  eight 64-px tiles): larger batches fall out of cache and were up to 25 % slower per window;
 * with a body ``mask``, windows with no body voxel within ``MASK_MARGIN`` voxels are not run at all
   (their output is -1, i.e. air; the caller sets everything outside the mask to air anyway, and the
   margin keeps every voxel that interpolation back to the input grid reads at the mask's edge real);
+* ``tta="mirror"`` averages the outputs of the four in-plane mirrorings of each window (none,
+  left-right, front-back, both), the mirroring test-time augmentation of nnU-Net: the CycleGAN invents
+  texture that differs between mirrorings and the average cancels part of it (on validation tiles of
+  the phantom: 204 -> 176 HU MAE unpaired, 152 -> 134 with paired training), at four times the compute;
 * the volume is processed in chunks of axial slices, so memory stays bounded for large volumes
   (the result is identical: windows never span slices).
 """
@@ -32,14 +44,20 @@ from typing import Callable, Optional, Union
 import torch
 from monai.inferers import SliceInferer
 
-__all__ = ["synthesize", "synthesize_volume", "autocast_dtype", "context_stack"]
+__all__ = ["synthesize", "synthesize_volume", "autocast_dtype", "context_stack", "TTA_MODES"]
 
 AmpSetting = Union[bool, str, None]
+
+#: Test-time augmentation: ``none``, or ``mirror`` (the mean over the four in-plane mirrorings).
+TTA_MODES = ("none", "mirror")
+_MIRRORINGS = ((), (2,), (3,), (2, 3))  # flipped dims of a (B, k, X, Y) window
 
 # In-plane voxels by which the body mask is grown before deciding which windows to skip.
 MASK_MARGIN = 2
 # On CPU, windows per forward pass are capped so a batch holds at most this many pixels.
 CPU_BATCH_PIXELS = 32_768
+# On CPU, channels-last only when the generator's smallest feature map has at least this many pixels.
+CPU_CHANNELS_LAST_MIN_PIXELS = 1024
 # Voxels of the (k-channel) input built at a time; bounds memory for 512 x 512 x 300 volumes.
 CHUNK_VOXELS = 24_000_000
 
@@ -95,6 +113,7 @@ def synthesize(
     chunk_slices: Optional[int] = None,
     progress: bool = False,
     channels_last: Optional[bool] = None,
+    tta: str = "none",
 ) -> torch.Tensor:
     """The generator's output for every axial slice of `mr_norm`, on the same grid.
 
@@ -111,7 +130,9 @@ def synthesize(
             voxels are skipped (output -1).
         chunk_slices: axial slices processed per SliceInferer call (default: bounded by memory).
         progress: show a tqdm bar over the chunks.
-        channels_last: run in channels-last memory format (default: on CUDA only).
+        channels_last: run in channels-last memory format (default: on CUDA; on CPU where the
+            generator's smallest feature map has at least ``CPU_CHANNELS_LAST_MIN_PIXELS`` pixels).
+        tta: ``"none"`` or ``"mirror"`` (average over the four in-plane mirrorings of each window).
 
     Returns:
         (1, X, Y, Z) float32 tensor on the CPU, values in [-1, 1].
@@ -120,6 +141,8 @@ def synthesize(
         raise ValueError(f"mr_norm must be (1, X, Y, Z), got {tuple(mr_norm.shape)}")
     if context_slices < 1 or context_slices % 2 == 0:
         raise ValueError(f"context_slices must be odd and >= 1, got {context_slices}")
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     if mask is not None and tuple(mask.shape) != tuple(mr_norm.shape):
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from mr_norm {tuple(mr_norm.shape)}")
     if device is None:
@@ -128,19 +151,27 @@ def synthesize(
     device = torch.device(device)
     volume = _plain(mr_norm).float().cpu()
     body = _plain(mask).cpu() if mask is not None else None
+    region = _body_region(body, tile_size) if body is not None else None
+    if region is not None:  # (left, right, front, back) pads of F.pad; negative ones crop
+        volume = torch.nn.functional.pad(volume, (0, 0, *region[2:], *region[:2]), value=-1.0)
+        body = torch.nn.functional.pad(body, (0, 0, *region[2:], *region[:2]), value=0.0)
     _, x_size, y_size, z_size = volume.shape
     k, centre = context_slices, context_slices // 2
     dtype = autocast_dtype(amp, device)
     if channels_last is None:
-        channels_last = device.type == "cuda"
+        smallest = tile_size // getattr(generator, "downsampling", tile_size)
+        channels_last = device.type == "cuda" or smallest * smallest >= CPU_CHANNELS_LAST_MIN_PIXELS
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if device.type == "cpu":
         batch_size = max(1, min(batch_size, CPU_BATCH_PIXELS // (tile_size * tile_size)))
     input_dtype = torch.float32
     if isinstance(generator, torch.nn.Module):
-        if device.type == "cpu" and dtype is torch.bfloat16:
-            generator, input_dtype, dtype = copy.deepcopy(generator).to(torch.bfloat16), torch.bfloat16, None
+        if device.type == "cpu":
+            input_dtype = dtype or torch.float32
+            generator, dtype = _cpu_copy(generator, input_dtype), None
         generator = generator.to(device=device, memory_format=memory_format).eval()
+
+    mirrorings = _MIRRORINGS if tta == "mirror" else _MIRRORINGS[:1]
 
     def network(window: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
         # window: (B, k, tile, tile) from SliceInferer; condition: the matching mask windows.
@@ -153,10 +184,14 @@ def synthesize(
             if bool(keep.all()):
                 keep = None
         batch = window if keep is None else window[keep]
-        batch = batch.to(device, dtype=input_dtype, non_blocking=True).contiguous(memory_format=memory_format)
-        with _autocast(device, dtype):
-            result = generator(batch)
-        result = result[:, centre : centre + 1].float().to(out.device)
+        batch = batch.to(device, dtype=input_dtype, non_blocking=True)
+        result = None
+        for dims in mirrorings:
+            with _autocast(device, dtype):
+                flipped = generator(_flip(batch, dims).contiguous(memory_format=memory_format))
+            part = _flip(flipped[:, centre : centre + 1].float(), dims)
+            result = part if result is None else result.add_(part)
+        result = result.div_(len(mirrorings)).to(out.device)
         if keep is None:
             return result.contiguous()
         out[keep] = result
@@ -197,11 +232,54 @@ def synthesize(
             else:
                 result = inferer(stack, network)
             output[..., z0:z1] = result[0]
+    if region is not None:
+        output = torch.nn.functional.pad(output, (0, 0, *(-p for p in region[2:]), *(-p for p in region[:2])), value=-1.0)
     return output.clamp_(-1.0, 1.0)
+
+
+def _body_region(body: torch.Tensor, tile_size: int) -> Optional[tuple[int, int, int, int]]:
+    """The in-plane region to run, as pads ``(x_low, x_high, y_low, y_high)`` of the volume (negative: crop).
+
+    A ``tile_size`` window centred on the body's in-plane bounding box over all slices, as
+    :func:`medcycle.transforms.plan_tiles` cuts training tiles (so instance norm sees the statistics
+    it was trained on, and a head that fits one tile costs one window per slice instead of up to
+    four overlapping ones), widened to hold the body grown by ``MASK_MARGIN`` where that exceeds it.
+    None when there is no body.
+    """
+    in_plane = (body[0] > 0).any(dim=-1)
+    if not bool(in_plane.any()):
+        return None
+    grown = _grow(in_plane[None, :, :, None].float())[0, :, :, 0] > 0
+    pads = []
+    for axis in (0, 1):
+        size = in_plane.shape[axis]
+        inside = torch.nonzero(in_plane.any(dim=1 - axis)).flatten()
+        reach = torch.nonzero(grown.any(dim=1 - axis)).flatten()
+        start = (int(inside[0]) + int(inside[-1]) + 1) // 2 - tile_size // 2
+        low, high = min(start, int(reach[0])), max(start + tile_size, int(reach[-1]) + 1)
+        pads += [-low, high - size]
+    return tuple(pads)
 
 
 # The name used in docs/ARCHITECTURE.md.
 synthesize_volume = synthesize
+
+
+def _cpu_copy(generator: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `generator` in `dtype` whose instance norms are the identical one-group-per-channel group norms."""
+    generator = copy.deepcopy(generator).to(dtype)
+    for module in list(generator.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.InstanceNorm2d) and not child.track_running_stats:
+                norm = torch.nn.GroupNorm(child.num_features, child.num_features, eps=child.eps, affine=child.affine)
+                if child.affine:
+                    norm.load_state_dict(child.state_dict())
+                setattr(module, name, norm.to(dtype))
+    return generator
+
+
+def _flip(tensor: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    return tensor.flip(dims) if dims else tensor
 
 
 def _grow(mask: torch.Tensor) -> torch.Tensor:

@@ -259,7 +259,7 @@ def _round_int16(chunk: np.ndarray) -> np.ndarray:
 
 
 def convert_case(case: Case, generator: torch.nn.Module, config: Any, device: torch.device, batch_size: int,
-                 no_mask: bool, overwrite: bool) -> dict[str, Any]:
+                 no_mask: bool, overwrite: bool, tta: str = "mirror") -> dict[str, Any]:
     """Convert one case with an already loaded generator; returns its result record."""
     started = time.perf_counter()
     volume = load_volume(case.mr)
@@ -280,7 +280,7 @@ def convert_case(case: Case, generator: torch.nn.Module, config: Any, device: to
     mr_norm, model_mask = _preprocess(data, case.mr, case.mask)
     model_affine = _affine_of(mr_norm)
     use_mask = not no_mask and model_mask is not None
-    sct = synthesize_case(generator, mr_norm, model_mask if use_mask else None, config, device, batch_size)
+    sct = synthesize_case(generator, mr_norm, model_mask if use_mask else None, config, device, batch_size, tta=tta)
     del mr_norm
     hu = to_input_grid(norm_to_hu(sct, data.ct_window), model_affine, volume, post=_round_int16, dtype=np.int16)
     del sct
@@ -309,7 +309,7 @@ def convert_case(case: Case, generator: torch.nn.Module, config: Any, device: to
 
 
 def synthesize_case(generator: torch.nn.Module, mr_norm: torch.Tensor, mask: Optional[torch.Tensor], config: Any,
-                    device: torch.device, batch_size: int) -> torch.Tensor:
+                    device: torch.device, batch_size: int, tta: str = "mirror") -> torch.Tensor:
     """The generator's [-1, 1] output for a preprocessed MR, with the checkpoint's tile/context/AMP."""
     from medcycle.inferers import synthesize
 
@@ -322,6 +322,7 @@ def synthesize_case(generator: torch.nn.Module, mr_norm: torch.Tensor, mask: Opt
         device=device,
         amp=config.train.amp,
         mask=mask,
+        tta=tta,
     )
 
 
@@ -339,13 +340,18 @@ def run(
     device: Optional[str] = None,
     overwrite: bool = False,
     dicom_out: Optional[str | os.PathLike] = None,
+    tta: str = "mirror",
 ) -> list[dict[str, Any]]:
     """Convert INPUT (file, DICOM folder or folder of cases) to synthetic CT; returns one record per case.
+
+    ``tta="mirror"`` (default) averages the generator over the four in-plane mirrorings of each slice
+    (:func:`medcycle.inferers.synthesize`); ``"none"`` is four times faster.
 
     Each record holds ``case``, ``input``, ``output``, ``status`` (``converted``, ``skipped`` or
     ``failed``) and, as they apply, ``dicom``, ``seconds``, ``error``.
     """
     from medcycle.checkpoint import load_generator
+    from medcycle.inferers import TTA_MODES
 
     input, output = Path(input), Path(output)
     mask_path = Path(mask) if mask is not None else None
@@ -354,6 +360,8 @@ def run(
         raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
     if no_mask and mask_path is not None:
         raise UsageError("--mask and --no-mask exclude each other")
+    if tta not in TTA_MODES:
+        raise UsageError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     if not input.exists():
         raise InputError(f"{input}: no such file or folder")
     if mask_path is not None and not mask_path.exists():
@@ -383,12 +391,13 @@ def run(
     generator, config, _ = load_generator(model, torch_device)
 
     if not folder_mode:
-        return [convert_case(cases[0], generator, config, torch_device, batch_size, no_mask, overwrite)]
-    return _run_folder(cases, ignored, input, output, generator, config, torch_device, batch_size, no_mask, overwrite)
+        return [convert_case(cases[0], generator, config, torch_device, batch_size, no_mask, overwrite, tta)]
+    return _run_folder(cases, ignored, input, output, generator, config, torch_device, batch_size, no_mask, overwrite, tta)
 
 
 def _run_folder(cases: list[Case], ignored: list[str], input: Path, output: Path, generator: torch.nn.Module,
-                config: Any, device: torch.device, batch_size: int, no_mask: bool, overwrite: bool) -> list[dict[str, Any]]:
+                config: Any, device: torch.device, batch_size: int, no_mask: bool, overwrite: bool,
+                tta: str) -> list[dict[str, Any]]:
     from tqdm import tqdm
 
     records: list[dict[str, Any]] = []
@@ -403,7 +412,7 @@ def _run_folder(cases: list[Case], ignored: list[str], input: Path, output: Path
         try:
             _check_case_outputs(case, input)
             _check_output_location(case.output)
-            records.append(convert_case(case, generator, config, device, batch_size, no_mask, overwrite=True))
+            records.append(convert_case(case, generator, config, device, batch_size, no_mask, overwrite=True, tta=tta))
         except MedcycleError as exc:
             records.append({**base, "status": "failed", "error": str(exc)})
             tqdm.write(f"medcycle convert: {case.name}: failed: {exc}", file=sys.stderr)

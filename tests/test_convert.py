@@ -4,6 +4,8 @@ Tiny volumes and a tiny generator (width 4, 1 block) so the whole file runs in s
 """
 from __future__ import annotations
 
+import copy
+
 import errno
 import os
 from pathlib import Path
@@ -301,6 +303,112 @@ def test_synthesize_skips_windows_without_body_and_runs_bf16(monkeypatch):
     with torch.no_grad():
         fp32 = inferers.synthesize(model, volume, tile_size=16, amp="none")
     assert 0 < (out - fp32).abs().max() < 0.05  # bf16 rounding, no more
+
+
+def test_synthesize_runs_the_body_region_in_the_window_training_tiles_are_cut_from():
+    from types import SimpleNamespace
+
+    from medcycle import inferers
+    from medcycle.transforms import _window, plan_tiles
+
+    windows = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x):
+            windows.append(x.clone())
+            return x * 0.5
+
+    torch.manual_seed(0)
+    volume = torch.rand(1, 48, 48, 3) * 2 - 1
+    mask = torch.zeros_like(volume)
+    mask[:, 5:25, 10:30, :] = 1  # fits a 32-px tile even grown by MASK_MARGIN
+    inferers.synthesize(Recording(), volume, tile_size=32, batch_size=1)
+    assert len(windows) == 3 * 4  # whole slices: 2 x 2 overlapping windows each
+    windows.clear()
+    out = inferers.synthesize(Recording(), volume, tile_size=32, batch_size=1, mask=mask)
+    assert len(windows) == 3  # one window per slice
+    plan = plan_tiles(mask[0].numpy(), SimpleNamespace(tile_size=32, min_body_fraction=0.0))
+    tiles = _window(volume[0].numpy(), plan.start, plan.size, pad_value=-1.0)
+    for z, window in enumerate(windows):
+        np.testing.assert_array_equal(window[0, 0].numpy(), tiles[:, :, z])
+    x0, y0 = plan.start
+    region = torch.zeros(48, 48, dtype=torch.bool)
+    region[max(x0, 0):x0 + 32, max(y0, 0):y0 + 32] = True
+    torch.testing.assert_close(out[0][region], volume[0][region] * 0.5)
+    assert (out[0][~region] == -1).all()
+
+    windows.clear()
+    mask[:, 5:25, 10:46, 1] = 1  # a body wider than the tile in y: more windows, all of the body covered
+    out = inferers.synthesize(Recording(), volume, tile_size=32, batch_size=1, mask=mask)
+    assert 3 < len(windows) < 3 * 4
+    torch.testing.assert_close(out[mask > 0], volume[mask > 0] * 0.5)
+
+
+def test_mirror_tta_is_the_mean_over_the_four_in_plane_mirrorings(tmp_path):
+    from medcycle import inferers
+    from medcycle.cli import main
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Tanh())  # not mirror-symmetric
+    volume = torch.rand(1, 20, 16, 3) * 2 - 1
+    expected = torch.zeros_like(volume)
+    for dims in ((), (1,), (2,), (1, 2)):
+        flip = (lambda t: t.flip(dims)) if dims else (lambda t: t)
+        expected += flip(inferers.synthesize(model, flip(volume), tile_size=16, amp="none"))
+    mirrored = inferers.synthesize(model, volume, tile_size=16, amp="none", tta="mirror")
+    torch.testing.assert_close(mirrored, expected / 4, atol=1e-5, rtol=0)
+    plain = inferers.synthesize(model, volume, tile_size=16, amp="none")
+    assert (mirrored - plain).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="tta"):
+        inferers.synthesize(model, volume, tile_size=16, tta="flip")
+
+    mr = write_nifti(tmp_path / "mr.nii.gz", phantom_mr((30, 26, 5)), oblique_affine())
+    checkpoint = make_checkpoint(tmp_path / "model.pt", tile=16)
+    assert main(["convert", "-i", str(mr), "-o", str(tmp_path / "mirror.nii.gz"), "-m", str(checkpoint)]) == 0
+    assert main(["convert", "-i", str(mr), "-o", str(tmp_path / "none.nii.gz"), "-m", str(checkpoint), "--tta", "none"]) == 0
+    mirror_hu, none_hu = (np.asanyarray(nib.load(str(tmp_path / f"{n}.nii.gz")).dataobj) for n in ("mirror", "none"))
+    assert mirror_hu.shape == none_hu.shape and (mirror_hu != none_hu).any()
+    with pytest.raises(UsageError, match="--tta"):
+        convert(mr, tmp_path / "x.nii.gz", checkpoint, tta="flip")
+
+
+def test_cpu_inference_copy_is_the_same_network_and_goes_channels_last_only_where_it_pays(monkeypatch):
+    from medcycle import inferers
+    from medcycle.networks.generators import ResnetGenerator
+
+    torch.manual_seed(0)
+    affine_norm = torch.nn.InstanceNorm2d(2, affine=True)
+    torch.nn.init.uniform_(affine_norm.weight, 0.5, 2.0)
+    torch.nn.init.uniform_(affine_norm.bias, -1.0, 1.0)
+    for network in (ResnetGenerator(1, 1, width=4, n_blocks=1).eval(),
+                    torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), affine_norm)):
+        original = copy.deepcopy(network)
+        tuned = inferers._cpu_copy(network, torch.float32)
+        assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in tuned.modules())
+        assert any(isinstance(m, torch.nn.GroupNorm) for m in tuned.modules())
+        assert any(isinstance(m, torch.nn.InstanceNorm2d) for m in network.modules())  # the caller's is untouched
+        x = torch.rand(2, 1, 16, 16) * 2 - 1
+        with torch.no_grad():
+            torch.testing.assert_close(tuned(x), original(x), atol=1e-5, rtol=0)
+
+    formats = []
+
+    class Recording(ResnetGenerator):
+        def forward(self, x):
+            formats.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+            return super().forward(x)
+
+    generator = Recording(3, 3, width=4, n_blocks=1).eval()
+    volume = torch.rand(1, 16, 16, 4) * 2 - 1
+    expected = inferers.synthesize(generator, volume, tile_size=16, context_slices=3, amp="none", channels_last=False)
+    assert formats and not any(formats)
+    formats.clear()
+    for smallest_pixels, channels_last in ((16, True), (17, False)):  # tile 16 / downsampling 4: 4 x 4 maps
+        monkeypatch.setattr(inferers, "CPU_CHANNELS_LAST_MIN_PIXELS", smallest_pixels)
+        out = inferers.synthesize(generator, volume, tile_size=16, context_slices=3, amp="none")
+        assert formats and set(formats) == {channels_last}
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+        formats.clear()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -78,6 +78,9 @@ class ResnetGenerator(nn.Module):
     Spatial sizes divisible by 4 are returned unchanged.
     """
 
+    #: Ratio of the input size to the smallest feature map.
+    downsampling = 4
+
     def __init__(self, in_channels: int, out_channels: int, width: int = 64, n_blocks: int = 9) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1 or width < 1 or n_blocks < 0:
@@ -110,6 +113,9 @@ class UNetGenerator(nn.Module):
 
     Spatial sizes must be divisible by 8.
     """
+
+    #: Ratio of the input size to the smallest feature map.
+    downsampling = 8
 
     def __init__(self, in_channels: int, out_channels: int, width: int = 64) -> None:
         super().__init__()
