@@ -1,6 +1,6 @@
 """Benchmark `medcycle convert`: the fast path against a naive one-slice-at-a-time fp32 loop.
 
-    python benchmarks/bench_convert.py            # full run (about 12 minutes on 2 CPU cores)
+    python benchmarks/bench_convert.py            # full run (about 13 minutes on 2 CPU cores)
     python benchmarks/bench_convert.py --rounds 1 --slices-256 32   # about 3 minutes
     python benchmarks/bench_convert.py --quick    # small sizes, checks that the script works
 
@@ -12,7 +12,7 @@ For each model (random weights, written to a real checkpoint):
 a 256 x 256 x 160 head-like MRI (1 mm) is converted end to end (read, preprocess, synthesize, back to
 the input grid, write int16 NIfTI) in two ways, each in its own subprocess, alternating for
 ``--rounds`` rounds (this shared machine's speed drifts by 10-20 % between minutes, so a single pair
-of runs can mislead):
+of runs can mislead), both with ``tta="none"`` (mirroring multiplies either's network time by four):
 
 * ``fast``: :func:`pipelines.convert.run` as shipped (MONAI SliceInferer over the body's region, as
   training tiles are cut; batches of windows; on a CPU a bf16 copy of the generator where the CPU

@@ -8,8 +8,9 @@ One case:
 2. the MRI is read and validated (:func:`medcycle.io.load_volume`), then put on the model grid by the
    shared MONAI transforms (:func:`medcycle.transforms.volume_transforms`): oriented, resampled
    in-plane, body mask (``--mask``, or computed from the MR), MR normalised to [-1, 1];
-3. :func:`medcycle.inferers.synthesize` runs the generator over every axial slice (sliding window,
-   2.5D context, bf16 on CPUs that have it);
+3. :func:`medcycle.inferers.synthesize` runs the generator over every axial slice (sliding windows
+   on the body's region, 2.5D context, bf16 on CPUs that have it, by default the mean over the four
+   in-plane mirrorings: ``tta``);
 4. the output is mapped to HU (the inverse of the CT window mapping), resampled back onto the
    input's voxel grid (MONAI ``SpatialResample`` to the input's affine and shape), set to -1000 HU
    outside the body mask (unless ``no_mask``) and written as int16 NIfTI whose affine (sform and
