@@ -152,9 +152,10 @@ def synthesize(
     volume = _plain(mr_norm).float().cpu()
     body = _plain(mask).cpu() if mask is not None else None
     region = _body_region(body, tile_size) if body is not None else None
-    if region is not None:  # (left, right, front, back) pads of F.pad; negative ones crop
-        volume = torch.nn.functional.pad(volume, (0, 0, *region[2:], *region[:2]), value=-1.0)
-        body = torch.nn.functional.pad(body, (0, 0, *region[2:], *region[:2]), value=0.0)
+    if region is not None:  # F.pad takes the last axis first: (z, z, y_low, y_high, x_low, x_high)
+        pads = (0, 0, *region[2:], *region[:2])
+        volume = torch.nn.functional.pad(volume, pads, value=-1.0)
+        body = torch.nn.functional.pad(body, pads, value=0.0)
     _, x_size, y_size, z_size = volume.shape
     k, centre = context_slices, context_slices // 2
     dtype = autocast_dtype(amp, device)
@@ -232,8 +233,8 @@ def synthesize(
             else:
                 result = inferer(stack, network)
             output[..., z0:z1] = result[0]
-    if region is not None:
-        output = torch.nn.functional.pad(output, (0, 0, *(-p for p in region[2:]), *(-p for p in region[:2])), value=-1.0)
+    if region is not None:  # back onto the input's in-plane extent
+        output = torch.nn.functional.pad(output, tuple(-p for p in pads), value=-1.0)
     return output.clamp_(-1.0, 1.0)
 
 
