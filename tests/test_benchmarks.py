@@ -1,0 +1,60 @@
+"""The benchmark scripts run (in their quick modes) and print their tables with real numbers.
+
+Their figures are measured by hand (README); these tests only keep the scripts from rotting, as
+``bench_convert.py --quick`` once did when the demo tile outgrew its test volume.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True,
+                            text=True, encoding="utf-8", errors="replace", env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def table_rows(text: str, first_cell: str) -> list[list[str]]:
+    rows = [line.strip().strip("|").split("|") for line in text.splitlines() if line.startswith(f"| {first_cell}")]
+    return [[cell.strip() for cell in row] for row in rows]
+
+
+def test_bench_convert_quick_times_both_models_and_compares_with_fp32():
+    out = run_script("bench_convert.py", "--quick", "--rounds", "1", "--fit-seconds", "0", "--skip-large")
+    rows = table_rows(out, "256-px") + table_rows(out, "demo")
+    assert len(rows) == 2, out
+    for row in rows:
+        naive, fast, speedup, fp32 = float(row[2]), float(row[3]), float(row[4].rstrip("x")), float(row[5])
+        assert naive > 0 and fast > 0 and fp32 > 0
+        assert abs(speedup - naive / fast) < 0.05 * speedup + 0.02  # one round: the ratio of the two times
+        mae_fp32_body = float(row[8])
+        assert 0 < mae_fp32_body < 100  # bf16 against fp32 of the same windows: rounding, not another image
+
+
+def test_bench_train_quick_times_every_variant_against_the_reference():
+    out = run_script("bench_train.py", "--quick", "--no-compile", "--rounds", "1")
+    rows = table_rows(out, "128 px")
+    assert [row[1] for row in rows] == ["reference", "medcycle-fp32", "medcycle-bf16", "medcycle-bf16-cl"], out
+    assert rows[0][4] == "1.00x"
+    gflop = {float(row[5]) for row in rows}
+    assert len({round(g) for g in gflop}) == 1  # the same network and step size in every variant
+    assert all(float(row[2]) > 0 and float(row[6]) > 0 for row in rows)
+    assert re.search(r"matmul peak fp32 \d+ GFLOP/s, bf16 \d+ GFLOP/s", out)
+
+
+def test_bench_preprocess_quick_compares_with_the_baseline_and_workers():
+    out = run_script("bench_preprocess.py", "--quick")
+    baseline, medcycle = table_rows(out, "baseline")[0], table_rows(out, "medcycle preprocess")[0]
+    ratio = float(re.search(r"\| ratio medcycle / baseline \| ([\d.]+)x", out).group(1))
+    assert abs(ratio - float(medcycle[1]) / float(baseline[1])) < 0.1 * ratio + 0.5  # table rounds the times
+    workers = [row for row in (table_rows(out, "1") + table_rows(out, "2")) if len(row) == 4]
+    assert len(workers) == 2 and all(float(row[1]) > 0 for row in workers)
+    assert re.search(r"\| speed-up \| [\d.]+x", out)
