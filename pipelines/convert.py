@@ -220,12 +220,12 @@ def to_input_grid(values: torch.Tensor, values_affine: np.ndarray, like: Volume,
                   post: Optional[Callable[[np.ndarray], np.ndarray]] = None, dtype: Any = np.float32) -> np.ndarray:
     """Resample (X', Y', Z') `values` on `values_affine` onto the (X, Y, Z) grid of `like`.
 
-    MONAI ``SpatialResample`` in world coordinates (so orientation changes and in-plane resampling
-    are undone exactly), border padding, in chunks of the input's last axis to bound memory; `post`
-    maps each float32 chunk (e.g. rounding to int16, thresholding a mask) into a `dtype` result.
+    :func:`medcycle.transforms.to_original_grid` (MONAI ``SpatialResample`` in world coordinates, so
+    orientation changes and in-plane resampling are undone exactly; border padding) in chunks of the
+    input's last axis to bound memory; `post` maps each float32 chunk (e.g. rounding to int16,
+    thresholding a mask) into a `dtype` result.
     """
-    from monai.data import MetaTensor
-    from monai.transforms import SpatialResample
+    from medcycle.transforms import to_original_grid
 
     values = values.as_tensor() if hasattr(values, "as_tensor") else torch.as_tensor(values)
     values = values.reshape(values.shape[-3:])
@@ -235,15 +235,12 @@ def to_input_grid(values: torch.Tensor, values_affine: np.ndarray, like: Volume,
         chunk = values.to(torch.float32).numpy()
         result[...] = post(chunk) if post else chunk
         return result
-    source = MetaTensor(values[None].to(torch.float32), affine=torch.as_tensor(values_affine, dtype=torch.float64))
-    resample = SpatialResample(mode=mode, padding_mode="border", align_corners=False, dtype=torch.float32)
     step = max(1, RESAMPLE_CHUNK_VOXELS // (x_size * y_size))
     for z0 in range(0, z_size, step):
         z1 = min(z_size, z0 + step)
         shift = np.eye(4)
         shift[2, 3] = z0
-        target = torch.as_tensor(like.affine @ shift, dtype=torch.float64)
-        out = resample(source, dst_affine=target, spatial_size=(x_size, y_size, z1 - z0))
+        out = to_original_grid(values, values_affine, like.affine @ shift, (x_size, y_size, z1 - z0), mode=mode)
         chunk = torch.as_tensor(out)[0].detach().cpu().numpy()
         result[..., z0:z1] = post(chunk) if post else chunk
     return result

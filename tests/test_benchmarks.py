@@ -60,3 +60,27 @@ def test_bench_preprocess_quick_compares_with_the_baseline_and_workers():
     workers = [row for row in (table_rows(out, "1") + table_rows(out, "2")) if len(row) == 4]
     assert len(workers) == 2 and all(float(row[1]) > 0 for row in workers)
     assert re.search(r"\| speed-up \| [\d.]+x", out)
+
+
+def test_bench_quality_floors_cost_nothing_on_the_input_grid_and_something_on_a_coarser_one(tmp_path):
+    """The two rows no recipe can beat: the grid floor vanishes when the model grid is the input grid."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_quality
+    import pipelines.phantom
+
+    train_dir, test_dir = tmp_path / "train", tmp_path / "test"
+    cases = pipelines.phantom.run(out=tmp_path / "phantom", cases=4, seed=3, size="small")  # 3 x 3 mm in-plane
+    train_dir.mkdir()
+    test_dir.mkdir()
+    for case in cases[:3]:
+        case.rename(train_dir / case.name)
+    cases[3].rename(test_dir / cases[3].name)  # index 3: a straight (not oblique) affine
+
+    native = {row["recipe"]: row for row in bench_quality.floors(train_dir, test_dir, ["data.spacing=[3.0,3.0]"])}
+    coarse = {row["recipe"]: row for row in bench_quality.floors(train_dir, test_dir, ["data.spacing=[6.0,6.0]"])}
+    assert set(native) == {"floor: model grid", "floor: tissue oracle"}
+    assert native["floor: model grid"]["mae"] < 1.0  # same grid: nothing resampled
+    assert coarse["floor: model grid"]["mae"] > 20.0  # thin bone cannot survive 6 mm
+    oracle = native["floor: tissue oracle"]
+    assert oracle == coarse["floor: tissue oracle"]  # the oracle does not depend on the model grid
+    assert 5.0 < oracle["mae"] < 300.0 and oracle["mae_bone"] > oracle["mae"]  # per-case tissue values: not zero
