@@ -53,6 +53,7 @@ class LossConfig:
     cycle: float = 10.0  # lambda of the cycle-consistency L1
     identity: float = 0.5  # times `cycle`, as in the reference implementation
     structure: float = 0.0  # MIND structure loss between MR and sCT (Yang et al. 2018)
+    structure_sigma: float = 0.5  # MIND patch Gaussian sigma in pixels (Heinrich et al. 2012); larger: less noise-driven
     gradient: float = 0.0  # gradient-consistency loss between MR and sCT (Hiasa et al. 2018)
     paired: float = 10.0  # L1 between sCT and registered CT when pairing is paired or hybrid
     paired_ssim: float = 0.0  # optional SSIM term on registered pairs
@@ -119,6 +120,7 @@ class Config:
         _check(m.disc_layers >= 1, "model.disc_layers", "must be >= 1", m.disc_layers)
         for name in ("adversarial", "cycle", "identity", "structure", "gradient", "paired", "paired_ssim"):
             _check(getattr(lo, name) >= 0, f"loss.{name}", "must be >= 0", getattr(lo, name))
+        _check(lo.structure_sigma > 0, "loss.structure_sigma", "must be > 0 (pixels)", lo.structure_sigma)
         _check(t.iterations >= 1, "train.iterations", "must be >= 1", t.iterations)
         _check(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes", "must be > 0", t.max_minutes)
         _check(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)

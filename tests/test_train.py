@@ -383,3 +383,20 @@ def test_user_errors_are_refused_with_one_line(cache, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"medcycle train: error: {run}: already holds a training run (last.pt); use --resume or another --out"]
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.5])
+def test_structure_loss_uses_the_configured_mind_sigma(sigma):
+    from medcycle.losses import MINDLoss
+
+    trainer = CycleGANTrainer(load_config(None, [*TINY, "train.amp=none", "loss.structure=1", f"loss.structure_sigma={sigma}"]))
+    generator = torch.Generator().manual_seed(0)
+    trainer.set_input({"mr": torch.rand(2, 1, 32, 32, generator=generator) * 2 - 1,
+                       "ct": torch.rand(2, 1, 32, 32, generator=generator) * 2 - 1})
+    trainer.forward()
+    trainer.backward_G()
+    mind = MINDLoss(sigma=sigma)
+    expected = mind(trainer.real_mr, trainer.fake_ct.detach()) + mind(trainer.real_ct, trainer.fake_mr.detach())
+    assert torch.allclose(trainer.losses["structure"].detach(), expected, rtol=1e-5)
+    other = MINDLoss(sigma=2.0 * sigma)
+    assert not torch.allclose(expected, other(trainer.real_mr, trainer.fake_ct.detach()) + other(trainer.real_ct, trainer.fake_mr.detach()))

@@ -210,7 +210,7 @@ class CycleGANTrainer:
             self.ema = AveragedModel(self.nets["G_mr2ct"], multi_avg_fn=get_ema_multi_avg_fn(train.ema), use_buffers=True)
 
         self.adv = adversarial_loss()
-        self.mind = MINDLoss() if w.structure > 0 else None
+        self.mind = MINDLoss(sigma=w.structure_sigma) if w.structure > 0 else None
         self.grad_consistency = GradientConsistencyLoss() if w.gradient > 0 else None
         self.ssim = None
         if w.pairing != "unpaired" and w.paired_ssim > 0:
