@@ -21,9 +21,9 @@ discriminator width 32 and 6 residual blocks; 256 px with width 64 and 9 blocks)
 Every variant runs in its own worker process (so that its peak resident memory is its own); the
 parent asks the workers for their timings in turns, rotating the order each round, so that load on
 this shared machine hits all variants alike. The speed-up is the median over rounds of the ratio
-``reference time / variant time`` of the same round. FLOPs per step are counted with
-``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products, forward and backward)
-and set against the measured fp32 and bf16 matrix-multiply peak of this machine. Peak memory is each
+``reference time / variant time`` of the same round. FLOPs per step are counted on the reference step
+with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products, forward and
+backward; every variant computes the same architecture) and set against the measured fp32 and bf16 matrix-multiply peak of this machine. Peak memory is each
 worker's peak RSS (``resource.getrusage``) and that minus its RSS after importing torch/MONAI.
 """
 from __future__ import annotations
@@ -267,11 +267,11 @@ def bench_size(size: int, variants: list[str], rounds: int, steps: int, peaks: d
                 times[w.variant].append(w.ask(op="time", steps=steps)["seconds"])
             print(f"  {size} px round {r + 1}/{rounds}: " + ", ".join(f"{v} {t[-1]:.3f} s" for v, t in times.items()),
                   file=sys.stderr, flush=True)
-        rows, counted = [], {}
-        for w in workers:  # a compiled step runs fused kernels: count its (identical) eager arithmetic instead
-            counted[w.variant] = w.ask(op="flops")["flops"] if "compile" not in w.variant else None
+        rows = []
+        # The useful arithmetic is the architecture's, the same for every variant: count it on the reference
+        # step (medcycle's last generator layer multiplies some zeros on purpose, a compiled step fuses kernels).
+        flops = next(w for w in workers if w.variant == "reference").ask(op="flops")["flops"]
         for w in workers:
-            flops = counted[w.variant] or counted["medcycle-bf16"]
             rss = w.ask(op="rss")
             t = statistics.median(times[w.variant])
             ratio = statistics.median(a / b for a, b in zip(times["reference"], times[w.variant]))

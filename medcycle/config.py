@@ -51,6 +51,7 @@ class LossConfig:
     pairing: Literal["unpaired", "paired", "hybrid"] = "unpaired"
     adversarial: float = 1.0
     cycle: float = 10.0  # lambda of the cycle-consistency L1
+    cycle_noise: float = 0.0  # std of Gaussian noise on each translation before the reverse generator ([-1, 1] units)
     identity: float = 0.5  # times `cycle`, as in the reference implementation
     structure: float = 0.0  # MIND structure loss between MR and sCT (Yang et al. 2018)
     structure_sigma: float = 0.5  # MIND patch Gaussian sigma in pixels (Heinrich et al. 2012); larger: less noise-driven
@@ -121,6 +122,7 @@ class Config:
         for name in ("adversarial", "cycle", "identity", "structure", "gradient", "paired", "paired_ssim"):
             _check(getattr(lo, name) >= 0, f"loss.{name}", "must be >= 0", getattr(lo, name))
         _check(lo.structure_sigma > 0, "loss.structure_sigma", "must be > 0 (pixels)", lo.structure_sigma)
+        _check(lo.cycle_noise >= 0, "loss.cycle_noise", "must be >= 0 (a standard deviation)", lo.cycle_noise)
         _check(t.iterations >= 1, "train.iterations", "must be >= 1", t.iterations)
         _check(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes", "must be > 0", t.max_minutes)
         _check(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)

@@ -44,6 +44,7 @@ def test_overrides_apply_with_yaml_types():
         ("train.lr=-1", "train.lr must be > 0"),
         ("train.ema=1", "train.ema must be in .0, 1. .0 = off"),
         ("loss.structure_sigma=0", "loss.structure_sigma must be > 0"),
+        ("loss.cycle_noise=-0.1", "loss.cycle_noise must be >= 0"),
         ("data.ct_window=[3000, -1024]", "data.ct_window must be low < high"),
         ("train.augment=3", "train.augment must be true or false"),
         ("data.spacing=[1]", "data.spacing must be a list of 2 values"),

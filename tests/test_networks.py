@@ -49,6 +49,50 @@ def test_resnet_matches_reference_numerically() -> None:
     torch.testing.assert_close(ours(x), ref(x))
 
 
+@pytest.mark.parametrize("out_channels,phases", [(1, 4), (3, 2), (4, 2), (5, 1)])
+def test_phase_shuffle_conv_equals_the_plain_convolution(out_channels: int, phases: int) -> None:
+    from medcycle.networks.generators import PhaseShuffleConv2d
+
+    torch.manual_seed(0)
+    fast = PhaseShuffleConv2d(6, out_channels, 7)
+    plain = torch.nn.Conv2d(6, out_channels, 7)
+    plain.load_state_dict(fast.state_dict())  # same parameters, same state-dict keys
+    assert fast.phases == phases
+    for size in (30, 31):  # 24 x 24 output: the phase path; 25 x 25: not divisible, the plain path
+        x = torch.randn(2, 6, size, size, requires_grad=True)
+        x_plain = x.detach().clone().requires_grad_()
+        y, y_plain = fast(x), plain(x_plain)
+        torch.testing.assert_close(y, y_plain, atol=1e-5, rtol=1e-5)
+        grad = torch.randn_like(y)
+        y.backward(grad)
+        y_plain.backward(grad)
+        torch.testing.assert_close(x.grad, x_plain.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast.weight.grad, plain.weight.grad, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(fast.bias.grad, plain.bias.grad, atol=1e-4, rtol=1e-4)
+        fast.zero_grad()
+        plain.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.randn(1, 6, 30, 30)
+        torch.testing.assert_close(fast(x).float(), plain(x).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_resnet_generator_last_layer_takes_the_phase_path() -> None:
+    from medcycle.networks.generators import PhaseShuffleConv2d
+
+    g = build_generator("resnet", 1, width=4, n_blocks=1)
+    heads = [m for m in g.modules() if isinstance(m, PhaseShuffleConv2d)]
+    assert len(heads) == 1 and heads[0].phases == 4
+    assert all(not name.endswith("phase_index") for name in g.state_dict())  # checkpoints keep their keys
+    calls = []
+    handle = torch.nn.functional.pixel_shuffle
+    try:
+        torch.nn.functional.pixel_shuffle = lambda t, r: calls.append(r) or handle(t, r)
+        g(torch.rand(1, 1, 16, 16))
+    finally:
+        torch.nn.functional.pixel_shuffle = handle
+    assert calls == [4]
+
+
 def test_known_reference_count() -> None:
     # pytorch-CycleGAN-and-pix2pix prints "Total number of parameters : 11.378 M" for RGB resnet_9blocks
     assert n_params(build_generator("resnet", 3)) == 11_378_179

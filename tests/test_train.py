@@ -400,3 +400,33 @@ def test_structure_loss_uses_the_configured_mind_sigma(sigma):
     assert torch.allclose(trainer.losses["structure"].detach(), expected, rtol=1e-5)
     other = MINDLoss(sigma=2.0 * sigma)
     assert not torch.allclose(expected, other(trainer.real_mr, trainer.fake_ct.detach()) + other(trainer.real_ct, trainer.fake_mr.detach()))
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.2])
+def test_cycle_noise_reaches_only_the_reverse_generators(noise):
+    from medcycle.engine.trainer import GeneratorPair
+
+    class Recording(torch.nn.Module):  # an identity "generator" that keeps what it was given
+        def __init__(self):
+            super().__init__()
+            self.inputs = []
+
+        def forward(self, x):
+            self.inputs.append(x.detach().clone())
+            return x
+
+    mr2ct, ct2mr = Recording(), Recording()
+    pair = GeneratorPair(mr2ct, ct2mr, cycle_noise=noise)
+    torch.manual_seed(0)
+    real_mr, real_ct = torch.rand(2, 1, 64, 64) * 2 - 1, torch.rand(2, 1, 64, 64) * 2 - 1
+    out = pair(real_mr, real_ct, identity=False)
+    assert torch.equal(mr2ct.inputs[0], real_mr) and torch.equal(out["fake_ct"], real_mr)  # translations: clean
+    assert torch.equal(ct2mr.inputs[0][:2], real_ct) and torch.equal(out["fake_mr"], real_ct)
+    for given, clean in ((ct2mr.inputs[0][2:], out["fake_ct"]), (mr2ct.inputs[1], out["fake_mr"])):
+        difference = given - clean  # what the reverse generator saw, minus the translation
+        if noise == 0:
+            assert torch.equal(difference, torch.zeros_like(difference))
+        else:
+            assert abs(difference.std().item() - noise) < 0.01 and abs(difference.mean().item()) < 0.01
+    trainer = CycleGANTrainer(load_config(None, [*TINY, f"loss.cycle_noise={noise}"]))
+    assert trainer.G.cycle_noise == noise

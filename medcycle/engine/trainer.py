@@ -101,11 +101,23 @@ class LinearDecay:
 
 
 class GeneratorPair(nn.Module):
-    """Both generators; one call computes every generator output of a training step."""
+    """Both generators; one call computes every generator output of a training step.
 
-    def __init__(self, mr2ct: nn.Module, ct2mr: nn.Module) -> None:
+    With ``cycle_noise > 0`` each translation gets Gaussian noise of that standard deviation before the
+    reverse generator reconstructs from it (Bashkirova, Usman & Saenko, "Adversarial Self-Defense for
+    Cycle-Consistent GANs", NeurIPS 2019): a CycleGAN otherwise hides what it needs for the
+    reconstruction in a faint texture of the translation (Chu et al. 2017), which the noise drowns.
+    """
+
+    def __init__(self, mr2ct: nn.Module, ct2mr: nn.Module, cycle_noise: float = 0.0) -> None:
         super().__init__()
         self.mr2ct, self.ct2mr = mr2ct, ct2mr
+        self.cycle_noise = float(cycle_noise)
+
+    def _noisy(self, translation: torch.Tensor) -> torch.Tensor:
+        if self.cycle_noise <= 0:
+            return translation
+        return translation + self.cycle_noise * torch.randn_like(translation)
 
     def forward(self, real_mr: torch.Tensor, real_ct: torch.Tensor, identity: bool = True,
                 cycle: bool = True) -> dict[str, torch.Tensor]:
@@ -116,14 +128,14 @@ class GeneratorPair(nn.Module):
         out["fake_ct"] = ct_side[:b]
         if identity:
             out["idt_ct"] = ct_side[b:]
-        inputs = [real_ct] + ([real_mr] if identity else []) + ([out["fake_ct"]] if cycle else [])
+        inputs = [real_ct] + ([real_mr] if identity else []) + ([self._noisy(out["fake_ct"])] if cycle else [])
         mr_side = self.ct2mr(torch.cat(inputs) if len(inputs) > 1 else real_ct)
         out["fake_mr"] = mr_side[:b]
         if identity:
             out["idt_mr"] = mr_side[b : 2 * b]
         if cycle:
             out["rec_mr"] = mr_side[-b:]
-            out["rec_ct"] = self.mr2ct(out["fake_mr"])
+            out["rec_ct"] = self.mr2ct(self._noisy(out["fake_mr"]))
         return out
 
 
@@ -192,7 +204,7 @@ class CycleGANTrainer:
         }
         #: the plain networks (what checkpoints hold), on `device`
         self.nets = {name: net.to(self.device, memory_format=self.memory_format) for name, net in nets.items()}
-        self.G = GeneratorPair(self.nets["G_mr2ct"], self.nets["G_ct2mr"])
+        self.G = GeneratorPair(self.nets["G_mr2ct"], self.nets["G_ct2mr"], cycle_noise=w.cycle_noise)
         self.D = DiscriminatorPair(self.nets["D_ct"], self.nets["D_mr"])
         self.G_train: nn.Module = self.G  # what the steps call: DDP-wrapped and/or compiled later
         self.D_train: nn.Module = self.D
@@ -253,7 +265,7 @@ class CycleGANTrainer:
         except Exception as exc:  # noqa: BLE001 - any failure means: stay eager
             warnings.warn(f"torch.compile unavailable ({type(exc).__name__}: {exc}); training runs eagerly")
             return False
-        self.G = GeneratorPair(compiled["G_mr2ct"], compiled["G_ct2mr"])
+        self.G = GeneratorPair(compiled["G_mr2ct"], compiled["G_ct2mr"], cycle_noise=self.config.loss.cycle_noise)
         self.D = DiscriminatorPair(compiled["D_ct"], compiled["D_mr"])
         self.G_train, self.D_train = self.G, self.D
         self.D_for_G = {"ct": compiled["D_ct"], "mr": compiled["D_mr"]}
@@ -261,7 +273,7 @@ class CycleGANTrainer:
 
     def uncompile(self) -> None:
         """Back to the eager networks (after a failed compilation)."""
-        self.G = GeneratorPair(self.nets["G_mr2ct"], self.nets["G_ct2mr"])
+        self.G = GeneratorPair(self.nets["G_mr2ct"], self.nets["G_ct2mr"], cycle_noise=self.config.loss.cycle_noise)
         self.D = DiscriminatorPair(self.nets["D_ct"], self.nets["D_mr"])
         self.G_train, self.D_train = self.G, self.D
         self.D_for_G = {"ct": self.nets["D_ct"], "mr": self.nets["D_mr"]}
