@@ -72,7 +72,8 @@ class PhaseShuffleConv2d(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> None:
         super().__init__(in_channels, out_channels, kernel_size, bias=bias)
         self.phases = next((r for r in (4, 2) if out_channels * r * r <= 16), 1)
-        self.register_buffer("phase_index", self._phase_index(), persistent=False)
+        # A plain CPU tensor, not a buffer: only the CPU path reads it, and DDP would broadcast a buffer every step.
+        self.phase_index = self._phase_index()
 
     def _phase_index(self) -> torch.Tensor:
         """Index into ``[weight.flatten(), 0]`` of every entry of the phase kernels (last = zero)."""
