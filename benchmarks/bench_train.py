@@ -23,8 +23,8 @@ parent asks the workers for their timings in turns, rotating the order each roun
 this shared machine hits all variants alike. The speed-up is the median over rounds of the ratio
 ``reference time / variant time`` of the same round. FLOPs per step are counted on the reference step
 with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix products, forward and
-backward; every variant computes the same architecture) and set against the measured fp32 and bf16 matrix-multiply peak of this machine. Peak memory is each
-worker's peak RSS (``resource.getrusage``) and that minus its RSS after importing torch/MONAI.
+backward; every variant computes the same architecture) and set against the measured fp32 and bf16
+matrix-multiply peak of this machine. Peak memory is each worker's peak RSS (``resource.getrusage``) and that minus its RSS after importing torch/MONAI.
 """
 from __future__ import annotations
 

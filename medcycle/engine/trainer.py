@@ -204,7 +204,7 @@ class CycleGANTrainer:
         }
         #: the plain networks (what checkpoints hold), on `device`
         self.nets = {name: net.to(self.device, memory_format=self.memory_format) for name, net in nets.items()}
-        self.G = GeneratorPair(self.nets["G_mr2ct"], self.nets["G_ct2mr"], cycle_noise=w.cycle_noise)
+        self.G = self._generator_pair(self.nets)
         self.D = DiscriminatorPair(self.nets["D_ct"], self.nets["D_mr"])
         self.G_train: nn.Module = self.G  # what the steps call: DDP-wrapped and/or compiled later
         self.D_train: nn.Module = self.D
@@ -265,15 +265,18 @@ class CycleGANTrainer:
         except Exception as exc:  # noqa: BLE001 - any failure means: stay eager
             warnings.warn(f"torch.compile unavailable ({type(exc).__name__}: {exc}); training runs eagerly")
             return False
-        self.G = GeneratorPair(compiled["G_mr2ct"], compiled["G_ct2mr"], cycle_noise=self.config.loss.cycle_noise)
+        self.G = self._generator_pair(compiled)
         self.D = DiscriminatorPair(compiled["D_ct"], compiled["D_mr"])
         self.G_train, self.D_train = self.G, self.D
         self.D_for_G = {"ct": compiled["D_ct"], "mr": compiled["D_mr"]}
         return True
 
+    def _generator_pair(self, nets: Mapping[str, nn.Module]) -> GeneratorPair:
+        return GeneratorPair(nets["G_mr2ct"], nets["G_ct2mr"], cycle_noise=self.config.loss.cycle_noise)
+
     def uncompile(self) -> None:
         """Back to the eager networks (after a failed compilation)."""
-        self.G = GeneratorPair(self.nets["G_mr2ct"], self.nets["G_ct2mr"], cycle_noise=self.config.loss.cycle_noise)
+        self.G = self._generator_pair(self.nets)
         self.D = DiscriminatorPair(self.nets["D_ct"], self.nets["D_mr"])
         self.G_train, self.D_train = self.G, self.D
         self.D_for_G = {"ct": self.nets["D_ct"], "mr": self.nets["D_mr"]}
