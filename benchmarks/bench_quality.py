@@ -124,8 +124,8 @@ def floors(train_dir: Path, test_dir: Path, base: Sequence[str] = ()) -> list[di
     from medcycle.config import load_config
     from medcycle.io import load_volume
     from medcycle.metrics import image_metrics
-    from medcycle.transforms import volume_transforms
-    from pipelines.convert import _affine_of, norm_to_hu, to_input_grid
+    from medcycle.transforms import norm_to_hu, volume_transforms
+    from pipelines.convert import _affine_of, to_input_grid
 
     def read(path: Path) -> np.ndarray:
         return np.asarray(nib.load(str(path)).dataobj)
@@ -143,7 +143,7 @@ def floors(train_dir: Path, test_dir: Path, base: Sequence[str] = ()) -> list[di
         ct = load_volume(case / "ct.nii.gz")
         mask = read(case / "mask.nii.gz") > 0
         on_model_grid = chain({"ct": str(case / "ct.nii.gz")})["ct"]
-        back = to_input_grid(norm_to_hu(on_model_grid.as_tensor().clone(), data.ct_window), _affine_of(on_model_grid), ct)
+        back = to_input_grid(norm_to_hu(on_model_grid.as_tensor().clone(), data), _affine_of(on_model_grid), ct)
         scores["grid"].append(image_metrics(back, ct.array, mask))
         label = read(case / "labels.nii.gz")
         oracle = median_of_label[label]

@@ -29,6 +29,9 @@ class DataConfig:
     context_slices: int = 1  # 2.5D: odd number of neighbouring axial slices given as channels
     mr_percentiles: tuple[float, float] = (0.5, 99.5)
     ct_window: tuple[float, float] = (-1024.0, 3000.0)  # SynthRAD2023; (-1024, 3071) for 2025
+    # (HU, value) pairs inside the window: the window maps onto [-1, 1] piecewise linearly through them
+    # (none: linearly), e.g. more of [-1, 1] for soft tissue, so its thin layers count for the networks
+    ct_knots: tuple[tuple[float, float], ...] = ()
     min_body_fraction: float = 0.05  # slices whose tile holds less body than this are dropped
     val_cases: int = 1  # paired cases kept out of training for validation
 
@@ -113,6 +116,11 @@ class Config:
         _check(all(s > 0 for s in d.spacing), "data.spacing", "must be > 0", list(d.spacing))
         _check(0 <= d.mr_percentiles[0] < d.mr_percentiles[1] <= 100, "data.mr_percentiles", "must be 0 <= low < high <= 100", list(d.mr_percentiles))
         _check(d.ct_window[0] < d.ct_window[1], "data.ct_window", "must be low < high", list(d.ct_window))
+        hu = [d.ct_window[0], *(k[0] for k in d.ct_knots), d.ct_window[1]]
+        values = [-1.0, *(k[1] for k in d.ct_knots), 1.0]
+        _check(all(a < b for a, b in zip(hu, hu[1:])) and all(a < b for a, b in zip(values, values[1:])), "data.ct_knots",
+               f"must be [HU, value] pairs with HU rising inside data.ct_window {list(d.ct_window)} and values rising "
+               "inside (-1, 1)", [list(k) for k in d.ct_knots])
         _check(0 <= d.min_body_fraction < 1, "data.min_body_fraction", "must be in [0, 1)", d.min_body_fraction)
         _check(d.val_cases >= 0, "data.val_cases", "must be >= 0", d.val_cases)
         _check(d.orientation.upper() == d.orientation and len(d.orientation) == 3, "data.orientation", "must be three axis codes such as RAS", d.orientation)
@@ -167,6 +175,10 @@ def _build(kind: Any, value: Any, key: str) -> Any:
             return None
         inner = [a for a in typing.get_args(kind) if a is not type(None)][0]
         return _build(inner, value, key)
+    if origin is tuple and typing.get_args(kind)[1:] == (Ellipsis,):  # tuple[X, ...]: any length
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"config: {key} must be a list, got {value!r}")
+        return tuple(_build(typing.get_args(kind)[0], v, key) for v in value)
     if origin is tuple:
         items = typing.get_args(kind)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):

@@ -5,6 +5,7 @@ exactly the preprocessing it was trained with::
 
     LoadVolumed -> CheckSameGridd -> Orientationd -> Spacingd -> BodyMaskd -> NormalizeMRd
     -> CTWindowd (a ScaleIntensityRanged with data.ct_window -> [-1, 1], clipped)
+    -> CTCurved (only with data.ct_knots: a piecewise-linear contrast curve on [-1, 1])
 
 Keys are any of ``mr``, ``ct`` and ``mask`` (at least one image). After the chain every present
 key holds a float32 :class:`monai.data.MetaTensor` ``(1, X', Y', Z')`` on the model grid (RAS-like
@@ -412,6 +413,66 @@ class CTWindowd(ScaleIntensityRanged):
         return d
 
 
+def _piecewise_(values: torch.Tensor, xs: Sequence[float], ys: Sequence[float]) -> torch.Tensor:
+    """Map `values` (inside [xs[0], xs[-1]]) through the rising piecewise-linear curve xs -> ys, in place."""
+    original = values.clone()
+    values.fill_(ys[0])
+    for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:]):
+        values.add_((original - x0).clamp_(0.0, x1 - x0), alpha=(y1 - y0) / (x1 - x0))
+    return values
+
+
+class CTCurve:
+    """The contrast curve of ``data.ct_knots`` on the windowed CT, [-1, 1] -> [-1, 1].
+
+    :class:`CTWindowd` maps the HU window linearly onto [-1, 1]; the curve then moves each knot's HU
+    onto its value, linearly in between (e.g. (-200, -0.85) and (200, -0.3) give the soft-tissue
+    range 2.8x the share of [-1, 1] it has linearly). Without knots it is the identity. Calls and
+    :meth:`inverse` work in place on float tensors (numpy arrays through ``torch.from_numpy``).
+    """
+
+    def __init__(self, ct_window: Sequence[float], knots: Sequence[Sequence[float]] = ()) -> None:
+        lo, hi = (float(v) for v in ct_window)
+        self.linear = [-1.0, *(2 * (float(h) - lo) / (hi - lo) - 1 for h, _ in knots), 1.0]
+        self.curved = [-1.0, *(float(v) for _, v in knots), 1.0]
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> "CTCurve":
+        return cls(cfg.ct_window, cfg.ct_knots)
+
+    @property
+    def is_identity(self) -> bool:
+        return len(self.linear) == 2
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.is_identity else _piecewise_(values.clamp_(-1.0, 1.0), self.linear, self.curved)
+
+    def inverse(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.is_identity else _piecewise_(values.clamp_(-1.0, 1.0), self.curved, self.linear)
+
+
+class CTCurved(MapTransform):
+    """:class:`CTCurve` on the windowed CT (after :class:`CTWindowd`), in place."""
+
+    def __init__(self, keys: KeysCollection, curve: CTCurve, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.curve = curve
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            self.curve(image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image))
+        return d
+
+
+def norm_to_hu(values: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """HU of the networks' CT values: the inverse of :class:`CTWindowd` and :class:`CTCurved`, in place."""
+    lo, hi = (float(v) for v in cfg.ct_window)
+    CTCurve.from_config(cfg).inverse(values.clamp_(-1.0, 1.0))
+    return values.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5 * (hi - lo)).add_(lo)
+
+
 # --------------------------------------------------------------------------------------------------
 # the shared chain
 
@@ -441,7 +502,7 @@ def volume_transforms(cfg: DataConfig, keys: Sequence[str]) -> Compose:
 
     Input: a dict of paths (or MetaTensors). Output: float32 MetaTensors (1, X', Y', Z') on the model
     grid for every key plus ``mask`` (always): MR in [-1, 1] (``meta['mr_low'/'mr_high']``), CT in
-    [-1, 1] through ``data.ct_window``, mask 0/1. Raises :class:`InputError` naming the file for
+    [-1, 1] through ``data.ct_window`` (and ``data.ct_knots``; :func:`norm_to_hu` inverts), mask 0/1. Raises :class:`InputError` naming the file for
     unreadable inputs and for a CT or mask whose grid differs from the MR's.
     """
     keys = [str(k) for k in keys]
@@ -467,6 +528,8 @@ def volume_transforms(cfg: DataConfig, keys: Sequence[str]) -> Compose:
     if "ct" in images:
         lo, hi = (float(v) for v in cfg.ct_window)
         chain.append(CTWindowd("ct", a_min=lo, a_max=hi, b_min=-1.0, b_max=1.0, clip=True, dtype=np.float32))
+        if cfg.ct_knots:
+            chain.append(CTCurved("ct", CTCurve.from_config(cfg)))
     return VolumeCompose(chain, log_stats=False)
 
 

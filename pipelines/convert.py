@@ -246,12 +246,6 @@ def to_input_grid(values: torch.Tensor, values_affine: np.ndarray, like: Volume,
     return result
 
 
-def norm_to_hu(values: torch.Tensor, ct_window: tuple[float, float]) -> torch.Tensor:
-    """Invert ``ct_norm = 2 * (clip(hu, lo, hi) - lo) / (hi - lo) - 1`` (in place)."""
-    lo, hi = (float(v) for v in ct_window)
-    return values.clamp_(-1.0, 1.0).add_(1.0).mul_(0.5 * (hi - lo)).add_(lo)
-
-
 def _round_int16(chunk: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(chunk), -32768, 32767).astype(np.int16)
 
@@ -274,13 +268,15 @@ def convert_case(case: Case, generator: torch.nn.Module, config: Any, device: to
     # Only the geometry (and NIfTI header) of the input is needed from here on: free its voxels.
     volume.array = np.broadcast_to(np.zeros((), dtype=np.float32), volume.shape)
 
+    from medcycle.transforms import norm_to_hu
+
     data = config.data
     mr_norm, model_mask = _preprocess(data, case.mr, case.mask)
     model_affine = _affine_of(mr_norm)
     use_mask = not no_mask and model_mask is not None
     sct = synthesize_case(generator, mr_norm, model_mask if use_mask else None, config, device, batch_size, tta=tta)
     del mr_norm
-    hu = to_input_grid(norm_to_hu(sct, data.ct_window), model_affine, volume, post=_round_int16, dtype=np.int16)
+    hu = to_input_grid(norm_to_hu(sct, data), model_affine, volume, post=_round_int16, dtype=np.int16)
     del sct
     if not no_mask:
         if given_mask is not None:

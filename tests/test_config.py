@@ -46,6 +46,12 @@ def test_overrides_apply_with_yaml_types():
         ("loss.structure_sigma=0", "loss.structure_sigma must be > 0"),
         ("loss.cycle_noise=-0.1", "loss.cycle_noise must be >= 0"),
         ("data.ct_window=[3000, -1024]", "data.ct_window must be low < high"),
+        ("data.ct_knots=[[200, -0.3], [-200, -0.85]]", "data.ct_knots must be .HU, value. pairs with HU rising"),
+        ("data.ct_knots=[[-200, -0.3], [200, -0.85]]", "data.ct_knots must be .HU, value. pairs .* values rising"),
+        ("data.ct_knots=[[3000, 0.5]]", "data.ct_knots must be .* inside data.ct_window"),
+        ("data.ct_knots=[[0, 1.0]]", "data.ct_knots must be .* inside .-1, 1."),
+        ("data.ct_knots=[[0, 0.1, 2]]", "data.ct_knots must be a list of 2 values"),
+        ("data.ct_knots=5", "data.ct_knots must be a list"),
         ("train.augment=3", "train.augment must be true or false"),
         ("data.spacing=[1]", "data.spacing must be a list of 2 values"),
         ("nokey", "--set expects KEY=VALUE"),
@@ -54,6 +60,13 @@ def test_overrides_apply_with_yaml_types():
 def test_bad_values_are_refused_naming_the_key(override, message):
     with pytest.raises(UsageError, match=message.replace("[", r"\[")):
         load_config(None, [override])
+
+
+def test_ct_knots_take_any_number_of_pairs():
+    assert load_config(None).data.ct_knots == ()
+    config = load_config(None, ["data.ct_knots=[[-200, -0.85], [200, -0.3]]"])
+    assert config.data.ct_knots == ((-200.0, -0.85), (200.0, -0.3))
+    assert Config.from_dict(config.to_dict()) == config
 
 
 def test_yaml_file_errors_name_the_file(tmp_path):

@@ -26,11 +26,11 @@ from medcycle.io import file_checksum, ras_affine_to_sitk, sitk_to_ras_affine
 # helpers
 
 
-def make_checkpoint(path: Path, tile: int = 16, context: int = 1, amp: str = "none", **state_extra) -> Path:
+def make_checkpoint(path: Path, tile: int = 16, context: int = 1, amp: str = "none", ct_knots=(), **state_extra) -> Path:
     from medcycle.networks import build_generator
 
     config = Config.from_dict({
-        "data": {"tile_size": tile, "context_slices": context, "spacing": [1.0, 1.0]},
+        "data": {"tile_size": tile, "context_slices": context, "spacing": [1.0, 1.0], "ct_knots": [list(k) for k in ct_knots]},
         "model": {"gen_width": 4, "gen_blocks": 1, "disc_width": 4, "disc_layers": 1},
         "train": {"amp": amp},
     }).validate()
@@ -210,13 +210,17 @@ def test_identity_generator_maps_known_values_to_hu_on_the_original_grid(tmp_pat
     assert (hu[interior(~body, 2)] == -1024).all()  # air: normalised -1 -> ct_window[0]
 
 
-@pytest.mark.parametrize("value,expected", [(0.5, 1994.0), (-0.25, 485.0)])
-def test_constant_output_hu_and_minus_1000_outside_the_body(tmp_path, monkeypatch, value, expected):
-    # ct_window (-1024, 3000): hu = (v + 1) / 2 * 4024 - 1024
+@pytest.mark.parametrize("value,knots,expected", [
+    (0.5, (), 1994.0), (-0.25, (), 485.0),  # ct_window (-1024, 3000): hu = (v + 1) / 2 * 4024 - 1024
+    # the checkpoint's data.ct_knots undone: -0.575 is halfway from -0.85 (-200 HU) to -0.3 (200 HU); 0.35
+    # halfway from -0.3 (200 HU) to 1 (3000 HU)
+    (-0.575, ((-200.0, -0.85), (200.0, -0.3)), 0.0), (0.35, ((-200.0, -0.85), (200.0, -0.3)), 1600.0),
+])
+def test_constant_output_hu_and_minus_1000_outside_the_body(tmp_path, monkeypatch, value, knots, expected):
     use_generator(monkeypatch, Constant(value))
     array = phantom_mr((40, 30, 8))
     mr = write_nifti(tmp_path / "mr.nii.gz", array, oblique_affine())
-    model = make_checkpoint(tmp_path / "model.pt", tile=16)
+    model = make_checkpoint(tmp_path / "model.pt", tile=16, ct_knots=knots)
 
     convert(mr, tmp_path / "computed.nii.gz", model)
     hu = np.asanyarray(nib.load(str(tmp_path / "computed.nii.gz")).dataobj)

@@ -19,6 +19,7 @@ from medcycle.transforms import (
     compute_body_mask,
     extract_tiles,
     invert_to_original,
+    norm_to_hu,
     plan_tiles,
     to_original_grid,
     volume_transforms,
@@ -157,6 +158,28 @@ def test_ct_window_mapping_exact_at_lo_and_hi(tmp_path):
     assert out[2, 0, 0] == -1.0 and out[3, 0, 0] == 1.0  # clipped
     assert out[4, 0, 0] == pytest.approx(0.0, abs=1e-6)
     assert out[6, 6, 1] == pytest.approx(2 * (40.0 - lo) / (hi - lo) - 1, abs=1e-6)
+
+
+KNOTS = ((-200.0, -0.85), (200.0, -0.3))
+
+
+def test_ct_knots_move_each_knot_to_its_value_and_norm_to_hu_inverts_the_chain(tmp_path):
+    hu = np.array([-3000.0, -1024.0, -600.0, -200.0, -100.0, 0.0, 40.0, 200.0, 1600.0, 3000.0, 5000.0], dtype=np.float32)
+    ct = np.zeros((len(hu), 2, 2), dtype=np.float32) + hu[:, None, None]
+    path = write(tmp_path / "ct.nii.gz", ct, np.eye(4))
+    cfg = tiny_cfg(ct_knots=KNOTS)
+    out = volume_transforms(cfg, ["ct"])({"ct": str(path)})["ct"]
+    values = out.numpy()[0, :, 0, 0]
+    # by hand: -1024 -> -1, -200 -> -0.85, 200 -> -0.3, 3000 -> 1, linear in between; clipped outside
+    expected = [-1.0, -1.0, -1.0 + 0.15 * 424 / 824, -0.85, -0.85 + 0.55 * 100 / 400, -0.575, -0.52, -0.3,
+                -0.3 + 1.3 * 1400 / 2800, 1.0, 1.0]
+    np.testing.assert_allclose(values, expected, atol=1e-5)
+    # the soft-tissue layers fat (-100) and skin (40) lie (0.55 / 400) / (2 / 4024) = 2.77x further apart than linearly
+    linear = volume_transforms(tiny_cfg(), ["ct"])({"ct": str(path)})["ct"].numpy()[0, :, 0, 0]
+    assert (values[6] - values[4]) == pytest.approx(0.55 / 400 / (2 / 4024) * (linear[6] - linear[4]), rel=1e-4)
+    back = norm_to_hu(out.as_tensor().clone(), cfg).numpy()[0, :, 0, 0]
+    np.testing.assert_allclose(back, np.clip(hu, -1024, 3000), atol=0.05)
+    np.testing.assert_allclose(norm_to_hu(torch.from_numpy(linear.copy()), tiny_cfg()).numpy(), np.clip(hu, -1024, 3000), atol=0.05)
 
 
 # --------------------------------------------------------------------------------------------------

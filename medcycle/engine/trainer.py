@@ -436,15 +436,17 @@ class CycleGANTrainer:
         `tiles` as :func:`medcycle.data.dataset.validation_tiles` returns them.
         """
         from medcycle.metrics import image_metrics
+        from medcycle.transforms import norm_to_hu
 
-        lo, hi = (float(v) for v in self.config.data.ct_window)
-        centre = self.config.data.context_slices // 2
+        data = self.config.data
+        centre = data.context_slices // 2
         sct = self.translate(tiles["mr"])[:, centre]
 
-        def to_hu(x: np.ndarray) -> np.ndarray:  # inverse of ct_norm = 2 * (clip(hu) - lo) / (hi - lo) - 1
-            return (np.clip(x, -1.0, 1.0) + 1.0) * 0.5 * (hi - lo) + lo
+        def to_hu(x: np.ndarray) -> np.ndarray:
+            return norm_to_hu(torch.from_numpy(np.array(x, dtype=np.float32)), data).numpy()
 
         pred_hu, ref_hu = to_hu(sct), to_hu(np.asarray(tiles["ct"])[:, centre])
+        lo, hi = (float(v) for v in data.ct_window)
         rows = []
         for i in range(pred_hu.shape[0]):
             if tiles["mask"][i].any():
