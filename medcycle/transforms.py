@@ -502,8 +502,9 @@ def volume_transforms(cfg: DataConfig, keys: Sequence[str]) -> Compose:
 
     Input: a dict of paths (or MetaTensors). Output: float32 MetaTensors (1, X', Y', Z') on the model
     grid for every key plus ``mask`` (always): MR in [-1, 1] (``meta['mr_low'/'mr_high']``), CT in
-    [-1, 1] through ``data.ct_window`` (and ``data.ct_knots``; :func:`norm_to_hu` inverts), mask 0/1. Raises :class:`InputError` naming the file for
-    unreadable inputs and for a CT or mask whose grid differs from the MR's.
+    [-1, 1] through ``data.ct_window`` and ``data.ct_knots`` (:func:`norm_to_hu` inverts), mask 0/1.
+    Raises :class:`InputError` naming the file for unreadable inputs and for a CT or mask whose grid
+    differs from the MR's.
     """
     keys = [str(k) for k in keys]
     unknown = sorted(set(keys) - {*IMAGE_KEYS, MASK_KEY})
