@@ -5,6 +5,7 @@ Their figures are measured by hand (README); these tests only keep the scripts f
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -84,3 +85,24 @@ def test_bench_quality_floors_cost_nothing_on_the_input_grid_and_something_on_a_
     oracle = native["floor: tissue oracle"]
     assert oracle == coarse["floor: tissue oracle"]  # the oracle does not depend on the model grid
     assert 5.0 < oracle["mae"] < 300.0 and oracle["mae_bone"] > oracle["mae"]  # per-case tissue values: not zero
+
+
+def test_bench_quality_validation_cases_are_the_caches_val_split_and_the_table_shows_both_val_columns(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_quality
+
+    train_dir, cache = tmp_path / "train", tmp_path / "cache"
+    for case in ("a", "b", "c"):
+        (train_dir / case).mkdir(parents=True)
+    cache.mkdir()
+    splits = {"a": "train", "b": "val", "c": "val"}
+    (cache / "manifest.json").write_text(json.dumps({"cases": {k: {"split": v} for k, v in splits.items()}}))
+    val_dir = bench_quality.validation_cases(cache, train_dir, tmp_path / "val")
+    assert sorted(p.name for p in val_dir.iterdir()) == ["b", "c"]
+    assert (val_dir / "b").resolve() == (train_dir / "b").resolve()
+    assert bench_quality.validation_cases(cache, train_dir, tmp_path / "val") == val_dir  # again: the links stay
+
+    row = {"recipe": "demo", "what": "x", "iterations": 10, "val_mae": 181.2, "val_volume_mae": 151.6,
+           "mae": 143.4, "mae_bone": 386.0, "mae_air": None, "psnr": 23.5, "ssim": 0.786}
+    cells = table_rows(bench_quality.markdown([row]), "demo")[0]
+    assert cells[2:6] == ["10", "181", "152", "143"] and cells[7] == "-"

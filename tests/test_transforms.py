@@ -182,6 +182,16 @@ def test_ct_knots_move_each_knot_to_its_value_and_norm_to_hu_inverts_the_chain(t
     np.testing.assert_allclose(norm_to_hu(torch.from_numpy(linear.copy()), tiny_cfg()).numpy(), np.clip(hu, -1024, 3000), atol=0.05)
 
 
+def test_ct_knots_of_three_segments_inside_the_window(tmp_path):
+    # the demo's curve: bone up to 1800 HU stretched over -0.3..0.9, the rare 1800..3000 HU squeezed into 0.9..1
+    hu = np.array([-1024.0, 0.0, 600.0, 1000.0, 1800.0, 2400.0, 3000.0], dtype=np.float32)
+    path = write(tmp_path / "ct.nii.gz", np.zeros((len(hu), 2, 2), dtype=np.float32) + hu[:, None, None], np.eye(4))
+    cfg = tiny_cfg(ct_knots=((-200.0, -0.85), (200.0, -0.3), (1800.0, 0.9)))
+    out = volume_transforms(cfg, ["ct"])({"ct": str(path)})["ct"]
+    np.testing.assert_allclose(out.numpy()[0, :, 0, 0], [-1.0, -0.575, 0.0, 0.3, 0.9, 0.95, 1.0], atol=1e-5)
+    np.testing.assert_allclose(norm_to_hu(out.as_tensor().clone(), cfg).numpy()[0, :, 0, 0], hu, atol=0.05)
+
+
 # --------------------------------------------------------------------------------------------------
 # the shared chain
 
