@@ -64,7 +64,7 @@ def test_bench_preprocess_quick_compares_with_the_baseline_and_workers():
 
 
 def test_bench_quality_floors_cost_nothing_on_the_input_grid_and_something_on_a_coarser_one(tmp_path):
-    """The two rows no recipe can beat: the grid floor vanishes when the model grid is the input grid."""
+    """The rows no recipe can beat: the grid floors vanish when the model grid is the input grid."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_quality
     import pipelines.phantom
@@ -79,12 +79,16 @@ def test_bench_quality_floors_cost_nothing_on_the_input_grid_and_something_on_a_
 
     native = {row["recipe"]: row for row in bench_quality.floors(train_dir, test_dir, ["data.spacing=[3.0,3.0]"])}
     coarse = {row["recipe"]: row for row in bench_quality.floors(train_dir, test_dir, ["data.spacing=[6.0,6.0]"])}
-    assert set(native) == {"floor: model grid", "floor: tissue oracle"}
+    assert set(native) == {"floor: model grid", "floor: tissue oracle", "floor: tissue oracle, model grid"}
     assert native["floor: model grid"]["mae"] < 1.0  # same grid: nothing resampled
     assert coarse["floor: model grid"]["mae"] > 20.0  # thin bone cannot survive 6 mm
     oracle = native["floor: tissue oracle"]
     assert oracle == coarse["floor: tissue oracle"]  # the oracle does not depend on the model grid
     assert 5.0 < oracle["mae"] < 300.0 and oracle["mae_bone"] > oracle["mae"]  # per-case tissue values: not zero
+    # the oracle through the model grid: unchanged on the input grid, worse than both floors on a coarser one
+    assert abs(native["floor: tissue oracle, model grid"]["mae"] - oracle["mae"]) < 1.0
+    coarse_oracle = coarse["floor: tissue oracle, model grid"]
+    assert coarse_oracle["mae"] > max(oracle["mae"], coarse["floor: model grid"]["mae"]) + 5.0
 
 
 def test_bench_quality_validation_cases_are_the_caches_val_split_and_the_table_shows_both_val_columns(tmp_path):
