@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_training_gets_what_the_other_steps_leave():
-    assert training_minutes(15.0, 0.5) == 13.5  # 1 min kept for conversion and evaluation
+    assert training_minutes(15.0, 0.5) == 13.25  # 1.25 min kept for conversion and evaluation
     assert training_minutes(3.0, 2.9) == 1.0  # never under a third of the budget
 
 
