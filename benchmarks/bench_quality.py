@@ -176,7 +176,7 @@ def floors(train_dir: Path, test_dir: Path, base: Sequence[str] = ()) -> list[di
             mask = read(case / "mask.nii.gz") > 0
             oracle = median_of_label[read(case / "labels.nii.gz")]
             oracle_file = Path(tmp) / f"{case.name}.nii.gz"
-            nib.save(nib.Nifti1Image(oracle, nib.load(str(case / "ct.nii.gz")).affine), str(oracle_file))
+            nib.save(nib.Nifti1Image(oracle, ct.affine), str(oracle_file))
             scores["grid"].append(image_metrics(through_model_grid(case / "ct.nii.gz", ct), ct.array, mask))
             scores["oracle"].append(image_metrics(oracle, ct.array, mask))
             scores["oracle_grid"].append(image_metrics(through_model_grid(oracle_file, ct), ct.array, mask))
