@@ -14,7 +14,7 @@ the input grid, write int16 NIfTI) in two ways, each in its own subprocess, alte
 ``--rounds`` rounds (this shared machine's speed drifts by 10-20 % between minutes, so a single pair
 of runs can mislead), both with ``tta="none"`` (mirroring multiplies either's network time by four):
 
-* ``fast``: :func:`pipelines.convert.run` as shipped (MONAI SliceInferer over the body's region, as
+* ``fast``: :func:`medcycle.jobs.convert.run` as shipped (MONAI SliceInferer over the body's region, as
   training tiles are cut; batches of windows; on a CPU a bf16 copy of the generator where the CPU
   has native bf16 and the checkpoint asks for AMP; body-mask window skipping);
 * ``naive``: the same pipeline with the inference replaced by the seed tutorial's loop: one axial
@@ -218,7 +218,7 @@ def amp_off(synthesize_case):
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    import pipelines.convert as convert
+    import medcycle.jobs.convert as convert
 
     torch.set_num_threads(args.threads)
     if args.child == "naive":

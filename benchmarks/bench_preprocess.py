@@ -6,7 +6,7 @@
 1. One paired case, MR + CT of 256 x 256 x 160 voxels at 1 mm (synthetic head-like arrays written
    as int16 .nii.gz), preprocessed with ``data.spacing = [1, 1]`` and ``data.tile_size = 256``:
 
-   * ``medcycle``: :func:`pipelines.preprocess.run` end to end (checksums, MONAI load / orientation /
+   * ``medcycle``: :func:`medcycle.jobs.preprocess.run` end to end (checksums, MONAI load / orientation /
      spacing, body mask, MR percentile normalisation, CT window, tiles, atomic .npy + record +
      manifest writes);
    * ``baseline``: nibabel alone reading both files (float32) and numpy writing the same number of
@@ -106,7 +106,7 @@ def write_case(folder: Path, shape: tuple[int, int, int], seed: int) -> None:
 
 
 def child_medcycle(args: argparse.Namespace) -> dict:
-    import pipelines.preprocess as preprocess
+    import medcycle.jobs.preprocess as preprocess
     import medcycle.transforms  # noqa: F401 - imported before timing
     import scipy.ndimage  # noqa: F401
     import skimage.filters  # noqa: F401

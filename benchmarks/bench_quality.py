@@ -77,13 +77,13 @@ def overrides_for(recipe: str, base: Sequence[str] = ()) -> list[str]:
 
 def make_data(work: Path, seed: int) -> tuple[Path, Path]:
     """Phantom cases split once into training (incl. validation) and held-out test folders."""
-    import pipelines.phantom
-    from pipelines.demo import _split_cases
+    import medcycle.jobs.phantom
+    from medcycle.jobs.demo import _split_cases
 
     train_dir, test_dir = work / "data" / "train", work / "data" / "test"
     if not (train_dir.is_dir() and test_dir.is_dir()):
         staging = work / "data" / "phantom"
-        pipelines.phantom.run(out=staging, cases=TRAIN_CASES + TEST_CASES, seed=seed, size="full")
+        medcycle.jobs.phantom.run(out=staging, cases=TRAIN_CASES + TEST_CASES, seed=seed, size="full")
         _split_cases(staging, train_dir, test_dir)
     return train_dir, test_dir
 
@@ -91,28 +91,28 @@ def make_data(work: Path, seed: int) -> tuple[Path, Path]:
 def run_recipe(recipe: str, work: Path, train_dir: Path, test_dir: Path, minutes: float, seed: int,
                base: Sequence[str] = ()) -> dict:
     """Preprocess (a cache per data config), train for `minutes`, convert and evaluate the held-out cases."""
-    import pipelines.convert
-    import pipelines.evaluate
-    import pipelines.preprocess
-    import pipelines.train
+    import medcycle.jobs.convert
+    import medcycle.jobs.evaluate
+    import medcycle.jobs.preprocess
+    import medcycle.jobs.train
     from medcycle.checkpoint import load_checkpoint, resolve_checkpoint
     from medcycle.config import config_hash, load_config
 
     overrides = overrides_for(recipe, base)
     config = load_config(CONFIG, overrides)
     cache = work / f"cache_{config_hash(config.data)}"
-    pipelines.preprocess.run(out=cache, data=train_dir, config=CONFIG, overrides=overrides, workers=2)
+    medcycle.jobs.preprocess.run(out=cache, data=train_dir, config=CONFIG, overrides=overrides, workers=2)
     run_dir = work / "runs" / recipe
     started = time.perf_counter()
-    pipelines.train.run(config=CONFIG, data=cache, out=run_dir, resume=(run_dir / "last.pt").is_file(),
+    medcycle.jobs.train.run(config=CONFIG, data=cache, out=run_dir, resume=(run_dir / "last.pt").is_file(),
                         overrides=[*overrides, f"train.max_minutes={minutes}", f"train.seed={seed}"])
     trained = time.perf_counter() - started
     val_dir = validation_cases(cache, train_dir, work / "data" / f"val_{cache.name}")
-    pipelines.convert.run(input=val_dir, output=work / "sct_val" / recipe, model=run_dir, overwrite=True)
-    validation = pipelines.evaluate.run(pred=work / "sct_val" / recipe, ref=val_dir, out=work / "report_val" / recipe)
+    medcycle.jobs.convert.run(input=val_dir, output=work / "sct_val" / recipe, model=run_dir, overwrite=True)
+    validation = medcycle.jobs.evaluate.run(pred=work / "sct_val" / recipe, ref=val_dir, out=work / "report_val" / recipe)
     sct = work / "sct" / recipe
-    pipelines.convert.run(input=test_dir, output=sct, model=run_dir, overwrite=True)
-    summary = pipelines.evaluate.run(pred=sct, ref=test_dir, out=work / "report" / recipe)
+    medcycle.jobs.convert.run(input=test_dir, output=sct, model=run_dir, overwrite=True)
+    summary = medcycle.jobs.evaluate.run(pred=sct, ref=test_dir, out=work / "report" / recipe)
     best = load_checkpoint(resolve_checkpoint(run_dir))
     last = load_checkpoint(run_dir / "last.pt")
     return {
@@ -150,7 +150,7 @@ def floors(train_dir: Path, test_dir: Path, base: Sequence[str] = ()) -> list[di
     from medcycle.io import Volume, load_volume
     from medcycle.metrics import image_metrics
     from medcycle.transforms import norm_to_hu, volume_transforms
-    from pipelines.convert import _affine_of, to_input_grid
+    from medcycle.jobs.convert import _affine_of, to_input_grid
 
     def read(path: Path) -> np.ndarray:
         return np.asarray(nib.load(str(path)).dataobj)

@@ -24,12 +24,12 @@ logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 _JOBS = {
-    "phantom": "pipelines.phantom",
-    "preprocess": "pipelines.preprocess",
-    "train": "pipelines.train",
-    "convert": "pipelines.convert",
-    "evaluate": "pipelines.evaluate",
-    "demo": "pipelines.demo",
+    "phantom": "medcycle.jobs.phantom",
+    "preprocess": "medcycle.jobs.preprocess",
+    "train": "medcycle.jobs.train",
+    "convert": "medcycle.jobs.convert",
+    "evaluate": "medcycle.jobs.evaluate",
+    "demo": "medcycle.jobs.demo",
 }
 
 

@@ -1,4 +1,4 @@
-"""The ``medcycle`` command line: one sub-command per job, each a thin layer over ``pipelines/``."""
+"""The ``medcycle`` command line: one sub-command per job, each a thin layer over ``medcycle.jobs``."""
 from __future__ import annotations
 
 import argparse

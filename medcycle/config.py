@@ -221,13 +221,31 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = yaml.safe_load(text)
 
 
+#: the configs shipped inside the package (``medcycle/configs/<name>.yaml``)
+BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def builtin_configs() -> list[str]:
+    """Names of the built-in configs, e.g. ``demo_cpu``."""
+    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.yaml"))
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A config file: `name_or_path` itself when it is a file, else the built-in config of that name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    builtin = BUILTIN_CONFIGS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent == Path(".") and builtin.is_file():
+        return builtin
+    raise UsageError(f"config file not found: {path} (built-in configs: {', '.join(builtin_configs())})")
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Read a YAML config (defaults when `path` is None), apply ``KEY=VALUE`` overrides, validate."""
+    """Read a YAML config (a path or a built-in name; defaults when None), apply ``KEY=VALUE`` overrides, validate."""
     tree: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"config file not found: {path}")
+        path = find_config(path)
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

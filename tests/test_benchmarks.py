@@ -67,10 +67,10 @@ def test_bench_quality_floors_cost_nothing_on_the_input_grid_and_something_on_a_
     """The rows no recipe can beat: the grid floors vanish when the model grid is the input grid."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_quality
-    import pipelines.phantom
+    import medcycle.jobs.phantom
 
     train_dir, test_dir = tmp_path / "train", tmp_path / "test"
-    cases = pipelines.phantom.run(out=tmp_path / "phantom", cases=4, seed=3, size="small")  # 3 x 3 mm in-plane
+    cases = medcycle.jobs.phantom.run(out=tmp_path / "phantom", cases=4, seed=3, size="small")  # 3 x 3 mm in-plane
     train_dir.mkdir()
     test_dir.mkdir()
     for case in cases[:3]:

@@ -132,7 +132,7 @@ def use_generator(monkeypatch, module: torch.nn.Module) -> None:
 
 
 def convert(*args, **kwargs):
-    from pipelines.convert import run
+    from medcycle.jobs.convert import run
 
     return run(*args, **kwargs)
 

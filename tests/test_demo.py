@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipelines.demo import TEST_CASES, TRAIN_CASES, format_mean, training_minutes
+from medcycle.jobs.demo import TEST_CASES, TRAIN_CASES, format_mean, training_minutes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -70,7 +70,7 @@ def _worker(rank: int, port: int, cache: str, out: str, overrides: list, results
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
-    import pipelines.train as train_job
+    import medcycle.jobs.train as train_job
     from medcycle.errors import MedcycleError
 
     report: dict = {}

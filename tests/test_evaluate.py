@@ -158,7 +158,7 @@ def test_grid_mismatch_is_one_line_naming_both_files(tmp_path, capfd):
 
 
 def test_file_mode_without_mask_uses_the_ct_and_2025_window(tmp_path, capfd):
-    import pipelines.evaluate as evaluate
+    import medcycle.jobs.evaluate as evaluate
     from medcycle.transforms import CT_BODY_THRESHOLD_HU, compute_body_mask
 
     ct, sct, body = _write_case(tmp_path / "c", seed=1, mask=False, mr=False)
@@ -195,8 +195,8 @@ def test_usage_and_input_errors(tmp_path, capfd):
 
 
 def test_an_impossible_window_is_a_usage_error(tmp_path):
-    import pipelines.evaluate
+    import medcycle.jobs.evaluate
     from medcycle.errors import UsageError
 
     with pytest.raises(UsageError, match="--window: window must be finite with hi > lo"):
-        pipelines.evaluate.run(pred=tmp_path / "sct.nii.gz", ref=tmp_path / "ct.nii.gz", window=(3000.0, -1024.0))
+        medcycle.jobs.evaluate.run(pred=tmp_path / "sct.nii.gz", ref=tmp_path / "ct.nii.gz", window=(3000.0, -1024.0))

@@ -231,13 +231,13 @@ def test_cli_bad_arguments_give_one_line_and_exit_code_2(tmp_path, capsys, args,
 
 
 def test_run_refuses_a_bad_size_and_a_folder_of_another_seed(tmp_path):
-    import pipelines.phantom
+    import medcycle.jobs.phantom
     from medcycle.errors import InputError
 
     with pytest.raises(UsageError, match="--size"):
-        pipelines.phantom.run(out=tmp_path / "x", cases=1, size="medium")
+        medcycle.jobs.phantom.run(out=tmp_path / "x", cases=1, size="medium")
     folder = tmp_path / "data" / "phantom_000"
     ph.write_case(folder, ph.make_case(5, 0, "small"), names=["mask.nii.gz"])
     with pytest.raises(InputError, match="another --seed"):
-        pipelines.phantom.run(out=tmp_path / "data", cases=1, seed=0, size="small")
+        medcycle.jobs.phantom.run(out=tmp_path / "data", cases=1, seed=0, size="small")
     assert sorted(p.name for p in folder.iterdir()) == ["mask.nii.gz"]

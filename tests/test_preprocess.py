@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipelines.preprocess as preprocess
+import medcycle.jobs.preprocess as preprocess
 from medcycle.config import DataConfig, config_hash, load_config
 from medcycle.data.cache import CaseTiles, load_case_tiles, load_manifest, select_cases
 from medcycle.errors import InputError, MedcycleError, UsageError

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-import pipelines.train as train_job
+import medcycle.jobs.train as train_job
 from medcycle.checkpoint import load_checkpoint, load_generator
 from medcycle.config import load_config
 from medcycle.data.cache import load_manifest

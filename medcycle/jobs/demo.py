@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from medcycle.config import find_config
 from medcycle.errors import UsageError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
+DEFAULT_CONFIG = "demo_cpu"  # built-in: medcycle/configs/demo_cpu.yaml
 TRAIN_CASES = 16  # the last `data.val_cases` of these validate; the rest train
 TEST_CASES = 3  # held out: never preprocessed, never seen in training or model selection
 FINISH_RESERVE_MIN = 1.25  # converting and evaluating the held-out cases: ~15 s on 2 CPU cores at 2 mm, 40-60 s at 1 mm
@@ -44,40 +45,38 @@ def run(out: str | Path = "medcycle_demo", minutes: float = 15.0, config: Option
         overrides: Sequence[str] = (), seed: int = 0) -> dict:
     """Run the demo in `out` within about `minutes` in all; returns the held-out evaluation summary."""
     started = time.perf_counter()  # before the imports: loading torch and MONAI takes ~5 s of the budget
-    import pipelines.convert
-    import pipelines.evaluate
-    import pipelines.phantom
-    import pipelines.preprocess
-    import pipelines.train
+    import medcycle.jobs.convert
+    import medcycle.jobs.evaluate
+    import medcycle.jobs.phantom
+    import medcycle.jobs.preprocess
+    import medcycle.jobs.train
 
     if minutes <= 0:
         raise UsageError(f"--minutes must be > 0, got {minutes}")
-    config = Path(config) if config else DEFAULT_CONFIG
-    if not config.is_file():
-        raise UsageError(f"config file not found: {config}")
+    config = find_config(config or DEFAULT_CONFIG)
     out = Path(out)
     train_dir, test_dir = out / "data" / "train", out / "data" / "test"
 
     print(f"[1/5] phantom: {TRAIN_CASES + TEST_CASES} paired MR/CT head cases in {out / 'data'}")
     if not (train_dir.is_dir() and test_dir.is_dir()):
         staging = out / "data" / "phantom"
-        pipelines.phantom.run(out=staging, cases=TRAIN_CASES + TEST_CASES, seed=seed, size="full")
+        medcycle.jobs.phantom.run(out=staging, cases=TRAIN_CASES + TEST_CASES, seed=seed, size="full")
         _split_cases(staging, train_dir, test_dir)
 
     print(f"[2/5] preprocess: {TRAIN_CASES} cases -> {out / 'cache'}")
-    pipelines.preprocess.run(out=out / "cache", data=train_dir, config=config, overrides=overrides, workers=2)
+    medcycle.jobs.preprocess.run(out=out / "cache", data=train_dir, config=config, overrides=overrides, workers=2)
 
     train_minutes = training_minutes(minutes, (time.perf_counter() - started) / 60)
     print(f"[3/5] train: {config.name} for {train_minutes:g} min -> {out / 'run'}")
     train_overrides = [*overrides, f"train.max_minutes={train_minutes}", f"train.seed={seed}"]
     resume = (out / "run" / "last.pt").is_file()
-    pipelines.train.run(config=config, data=out / "cache", out=out / "run", overrides=train_overrides, resume=resume)
+    medcycle.jobs.train.run(config=config, data=out / "cache", out=out / "run", overrides=train_overrides, resume=resume)
 
     print(f"[4/5] convert: {TEST_CASES} held-out MRIs -> {out / 'sct'}")
-    pipelines.convert.run(input=test_dir, output=out / "sct", model=out / "run", overwrite=True)
+    medcycle.jobs.convert.run(input=test_dir, output=out / "sct", model=out / "run", overwrite=True)
 
     print(f"[5/5] evaluate against the real CT -> {out / 'report'}")
-    pipelines.evaluate.run(pred=out / "sct", ref=test_dir, out=out / "report")
+    medcycle.jobs.evaluate.run(pred=out / "sct", ref=test_dir, out=out / "report")
     summary = json.loads((out / "report" / "summary.json").read_text())
 
     def mean(key: str, fmt: str) -> str:
