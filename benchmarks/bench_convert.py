@@ -176,14 +176,13 @@ def fit_generator(source: Path, target: Path, mr: np.ndarray, seconds: float, se
 # the naive loop (the seed tutorial's way)
 
 
-def naive_synthesize(generator, mr_norm, mask, config, device, batch_size, tta):
+def naive_synthesize(generator, mr_norm, tile, k, mask=None, tta="none", runtime=None):
     """One axial slice at a time, fp32, batch 1, contiguous NCHW; same windows and blending."""
     import torch
     from monai.inferers import sliding_window_inference
 
     from medcycle.inferers import context_stack
 
-    tile, k = config.data.tile_size, config.data.context_slices
     centre = k // 2
     volume = mr_norm.as_tensor() if hasattr(mr_norm, "as_tensor") else torch.as_tensor(mr_norm)
     volume = volume.float().cpu()
@@ -204,13 +203,12 @@ def naive_synthesize(generator, mr_norm, mask, config, device, batch_size, tta):
 # child process: one conversion, timed, with its peak RSS
 
 
-def amp_off(synthesize_case):
-    """`synthesize_case` with the checkpoint's AMP setting replaced by none."""
+def amp_off(synthesize):
+    """`synthesize` with the checkpoint's AMP setting replaced by none."""
     import dataclasses
 
-    def fp32_synthesize(generator, mr_norm, mask, config, device, batch_size, tta):
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, amp="none"))
-        return synthesize_case(generator, mr_norm, mask, config, device, batch_size, tta=tta)
+    def fp32_synthesize(*args, runtime=None, **kwargs):
+        return synthesize(*args, runtime=dataclasses.replace(runtime, amp="none"), **kwargs)
 
     return fp32_synthesize
 
@@ -218,13 +216,14 @@ def amp_off(synthesize_case):
 def child(args: argparse.Namespace) -> None:
     import torch
 
+    import medcycle.inferers as inferers
     import medcycle.jobs.convert as convert
 
     torch.set_num_threads(args.threads)
     if args.child == "naive":
-        convert.synthesize_case = naive_synthesize
+        inferers.synthesize = naive_synthesize
     elif args.child == "fp32":
-        convert.synthesize_case = amp_off(convert.synthesize_case)
+        inferers.synthesize = amp_off(inferers.synthesize)
     started = time.perf_counter()
     convert.run(args.input, args.output, args.model, overwrite=True, batch_size=args.batch_size, device="cpu", tta="none")
     seconds = time.perf_counter() - started
@@ -296,7 +295,7 @@ def main() -> None:
 
     import torch
 
-    from medcycle.inferers import autocast_dtype
+    from medcycle.engine.amp import autocast_dtype
 
     if args.quick:
         args.fit_seconds = min(args.fit_seconds, 5.0)

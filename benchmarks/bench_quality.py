@@ -146,11 +146,13 @@ def floors(train_dir: Path, test_dir: Path, base: Sequence[str] = ()) -> list[di
     import nibabel as nib
     import numpy as np
 
+    from monai.data import MetaTensor
+
     from medcycle.config import load_config
-    from medcycle.io import Volume, load_volume
+    from medcycle.image import affine_of, voxels
+    from medcycle.io import load_volume
     from medcycle.metrics import image_metrics
-    from medcycle.transforms import norm_to_hu, volume_transforms
-    from medcycle.jobs.convert import _affine_of, to_input_grid
+    from medcycle.transforms import HUCodec, to_input_grid, volume_transforms
 
     def read(path: Path) -> np.ndarray:
         return np.asarray(nib.load(str(path)).dataobj)
@@ -163,11 +165,12 @@ def floors(train_dir: Path, test_dir: Path, base: Sequence[str] = ()) -> list[di
     del labels, cts
     data = load_config(CONFIG, base).data
     chain = volume_transforms(data, ("ct",))
+    codec = HUCodec.from_config(data)
 
-    def through_model_grid(path: Path, ct: Volume) -> np.ndarray:
+    def through_model_grid(path: Path, ct: MetaTensor) -> np.ndarray:
         """The HU volume at `path` onto the model grid and back onto `ct`'s grid, as ``medcycle convert`` resamples."""
         on_model_grid = chain({"ct": str(path)})["ct"]
-        return to_input_grid(norm_to_hu(on_model_grid.as_tensor().clone(), data), _affine_of(on_model_grid), ct)
+        return to_input_grid(codec.decode_(on_model_grid.as_tensor().clone()), affine_of(on_model_grid), ct)
 
     scores: dict[str, list[dict]] = {"grid": [], "oracle": [], "oracle_grid": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,10 +179,10 @@ def floors(train_dir: Path, test_dir: Path, base: Sequence[str] = ()) -> list[di
             mask = read(case / "mask.nii.gz") > 0
             oracle = median_of_label[read(case / "labels.nii.gz")]
             oracle_file = Path(tmp) / f"{case.name}.nii.gz"
-            nib.save(nib.Nifti1Image(oracle, ct.affine), str(oracle_file))
-            scores["grid"].append(image_metrics(through_model_grid(case / "ct.nii.gz", ct), ct.array, mask))
-            scores["oracle"].append(image_metrics(oracle, ct.array, mask))
-            scores["oracle_grid"].append(image_metrics(through_model_grid(oracle_file, ct), ct.array, mask))
+            nib.save(nib.Nifti1Image(oracle, affine_of(ct)), str(oracle_file))
+            scores["grid"].append(image_metrics(through_model_grid(case / "ct.nii.gz", ct), voxels(ct), mask))
+            scores["oracle"].append(image_metrics(oracle, voxels(ct), mask))
+            scores["oracle_grid"].append(image_metrics(through_model_grid(oracle_file, ct), voxels(ct), mask))
     grid = f"{data.spacing[0]:g} x {data.spacing[1]:g} mm model grid"
     what = {
         "grid": ("floor: model grid", f"the real CT onto the {grid} and back"),

@@ -257,9 +257,19 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     return Config.from_dict(tree).validate()
 
 
+def resolve_config(config: Any = None, overrides: Iterable[str] = ()) -> Config:
+    """A validated Config from a Config, a YAML path, a built-in name or None (defaults), with ``KEY=VALUE`` overrides."""
+    if isinstance(config, Config):
+        tree = config.to_dict()
+        for assignment in overrides:
+            _apply_override(tree, assignment)
+        return Config.from_dict(tree).validate()
+    return load_config(config, overrides)
+
+
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    from medcycle.io import atomic_write
+    from medcycle.files import atomic_write
 
     with atomic_write(path) as tmp:
         Path(tmp).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

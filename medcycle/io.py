@@ -2,56 +2,28 @@
 
 Volumes are read through MONAI's ``LoadImage``: NIfTI with MONAI's ``NibabelReader``; MHA, NRRD and
 DICOM series with :class:`SimpleITKReader`, a MONAI ``ImageReader`` on SimpleITK (MONAI's own
-``ITKReader`` needs the large ``itk`` package). In memory a volume is an ``(X, Y, Z)`` array in the
-file's voxel order with a 4x4 RAS affine. NIfTI outputs copy the input's header, so sform, qform and
-their codes come back exactly; for other inputs the affine is the one SimpleITK reads, LPS to RAS.
+``ITKReader`` needs the large ``itk`` package). A volume is read once into the image type of
+:mod:`medcycle.image` (a ``MetaTensor`` ``(1, X, Y, Z)`` in the file's voxel order with a 4x4 RAS
+affine). NIfTI outputs copy the input's header, so sform, qform and their codes come back exactly;
+for other inputs the affine is the one SimpleITK reads, LPS to RAS.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
-from monai.data import ImageReader, NibabelReader
+from monai.data import ImageReader, MetaTensor, NibabelReader
 from monai.transforms import LoadImage
 
 from medcycle.errors import InputError
+from medcycle.files import NIFTI_SUFFIXES, SITK_SUFFIXES, atomic_write, refuse_overwriting
+from medcycle.image import NIFTI_HEADER_KEY, make_image, name_of, source_grid
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
-VOLUME_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-@dataclass
-class Volume:
-    """A 3D image: ``array`` (X, Y, Z) float32, ``affine`` voxel-to-RAS-mm, and where it came from."""
-
-    array: np.ndarray
-    affine: np.ndarray
-    path: Path
-    header: Optional[nib.Nifti1Header] = field(default=None, repr=False)  # NIfTI inputs only
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        """Voxel size in mm along the three array axes."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)
-
-
-def is_volume_path(path: Path) -> bool:
-    """True for a file with a volume suffix or a folder (a DICOM series)."""
-    return path.is_dir() or path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
 def sitk_to_ras_affine(image: sitk.Image) -> np.ndarray:
@@ -81,19 +53,6 @@ def is_dicom_series(folder: str | os.PathLike) -> bool:
         return False
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
-
-
-def find_named_volume(folder: str | os.PathLike, name: str) -> Optional[Path]:
-    """`folder/name.<volume suffix>` (``.nii.gz`` first), or `folder/name/` when it holds a DICOM series."""
-    folder = Path(folder)
-    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):  # ".nii.gz" before ".nii"
-        candidate = folder / f"{name}{suffix}"
-        if candidate.is_file():
-            return candidate
-    candidate = folder / name
-    if candidate.is_dir() and is_dicom_series(candidate):
-        return candidate
-    return None
 
 
 def dicom_series_files(folder: Path) -> list[str]:
@@ -149,17 +108,19 @@ def _reader_for(path: Path) -> ImageReader:
     raise InputError(f"{path}: not a volume (expected .nii, .nii.gz, .mha, .nrrd or a DICOM folder)")
 
 
-def load_volume(path: str | Path, allow_constant: bool = False) -> Volume:
-    """Load a 3D volume through MONAI ``LoadImage``; refuse anything that is not a usable 3D image.
+def load_volume(path: str | Path, allow_constant: bool = False) -> MetaTensor:
+    """Read a 3D volume once, through MONAI ``LoadImage``, into the image type of :mod:`medcycle.image`.
 
     Refused, with one line naming the file: a missing path, an unreadable or truncated file, data
     that is not 3D (2D, 4D, vector images), an empty volume, NaN/Inf values and (unless
-    `allow_constant`, e.g. for masks) an all-constant volume.
+    `allow_constant`, e.g. for masks) an all-constant volume. A folder must hold one DICOM series.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     reader = _reader_for(path)
+    if path.is_dir():  # one DICOM series, refused otherwise (before MONAI's reader fallbacks)
+        dicom_series_files(path)
     try:
         # a reader given at call time is the only one tried: MONAI's fallback readers would stack two
         # DICOM series into one volume or hide the reason a folder was refused
@@ -173,12 +134,12 @@ def load_volume(path: str | Path, allow_constant: bool = False) -> Volume:
     header = None
     if isinstance(reader, NibabelReader):
         header = nib.load(str(path)).header
-        array = _squeeze_to_3d(array, path)
+        array = _squeeze_to_3d(array)
     validate_array(array, path, allow_constant=allow_constant)
-    return Volume(array=array.astype(np.float32, copy=False), affine=np.asarray(image.affine, dtype=np.float64), path=path, header=header)
+    return make_image(array, np.asarray(image.affine, dtype=np.float64), str(path), header)
 
 
-def _squeeze_to_3d(array: np.ndarray, path: Path) -> np.ndarray:
+def _squeeze_to_3d(array: np.ndarray) -> np.ndarray:
     # A NIfTI with a trailing time axis of length 1 is a 3D volume; longer is a 4D series.
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -201,57 +162,6 @@ def validate_array(array: np.ndarray, path: Path, allow_constant: bool = False) 
         raise InputError(f"{path}: the volume is all one value ({array.flat[0]}); nothing to process")
 
 
-def check_same_grid(a: Volume, b: Volume, tolerance_mm: float = 1e-3) -> None:
-    """Refuse two volumes that do not share the same voxel grid (shape and affine)."""
-    if a.shape != b.shape:
-        raise InputError(f"{b.path}: grid {b.shape} differs from {a.path} {a.shape}; resample them onto one grid first")
-    if not np.allclose(a.affine, b.affine, atol=tolerance_mm):
-        raise InputError(f"{b.path}: affine differs from {a.path} (same shape, different position or orientation)")
-
-
-def file_checksum(path: str | Path) -> str:
-    """SHA-256 of a file, or of every file of a DICOM folder, in sorted order."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (same suffix); rename it onto `path` only on success."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{path.parent}: cannot create the output folder ({exc.strerror})") from None
-    tmp = path.parent / f".tmp-{uuid.uuid4().hex[:8]}-{path.name}"
-    try:
-        yield tmp
-        if tmp.is_dir():
-            if path.exists():
-                raise InputError(f"{path}: already exists")
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise InputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        if tmp.is_dir():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
-
-
-def _refuse_overwriting_input(path: Path, like: Optional[Volume]) -> None:
-    if like is not None and Path(path).resolve() == like.path.resolve():
-        raise InputError(f"{path}: the output path is the input; choose another output file")
-
-
 def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype: Any = np.float32) -> Path:
     """Write `array` as NIfTI with sform and qform both set from `affine` (code 1), atomically."""
     image = nib.Nifti1Image(np.asarray(array).astype(dtype), np.asarray(affine, dtype=np.float64))
@@ -262,30 +172,47 @@ def write_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype: 
     return Path(path)
 
 
-def save_nifti(path: str | Path, array: np.ndarray, like: Volume, dtype: Any = np.int16) -> Path:
-    """Write `array` on the grid of `like`: same shape, affine, sform/qform (codes too), voxel order.
+def save_nifti(path: str | Path, array: np.ndarray, like: MetaTensor, dtype: Any = np.int16) -> Path:
+    """Write `array` on the grid of the file `like` was read from: same shape, affine, sform/qform
+    (codes too), voxel order. `like` is the loaded image or anything the transforms made of it.
 
     Integer output types are rounded and clipped to the type's range rather than wrapped.
     """
     path = Path(path)
-    _refuse_overwriting_input(path, like)
+    source = Path(name_of(like))
+    refuse_overwriting(path, [(source, "input")])
+    affine, shape = source_grid(like)
     array = np.asarray(array)
-    if array.shape != like.shape:
-        raise ValueError(f"array shape {array.shape} does not match the reference grid {like.shape}")
+    if array.shape != shape:
+        raise ValueError(f"array shape {array.shape} does not match the reference grid {shape}")
     if np.issubdtype(np.dtype(dtype), np.integer) and array.dtype != np.dtype(dtype):  # already that type: as is
         info = np.iinfo(dtype)
         array = np.clip(np.rint(array), info.min, info.max)
-    if like.header is None:
-        return write_nifti(path, array, like.affine, dtype)
-    header = like.header.copy()
+    original = like.meta.get(NIFTI_HEADER_KEY)
+    if original is None:
+        return write_nifti(path, array, affine, dtype)
+    header = original.copy()
     header.set_data_dtype(dtype)
     header.set_data_shape(array.shape)
     image = nib.Nifti1Image(array.astype(dtype, copy=False), None, header=header)
-    sform, sform_code = like.header.get_sform(coded=True)
-    qform, qform_code = like.header.get_qform(coded=True)
-    image.set_sform(like.header.get_sform(), code=int(sform_code or 0))
-    image.set_qform(like.header.get_qform(), code=int(qform_code or 0))
+    _, sform_code = original.get_sform(coded=True)
+    _, qform_code = original.get_qform(coded=True)
+    image.set_sform(original.get_sform(), code=int(sform_code or 0))
+    image.set_qform(original.get_qform(), code=int(qform_code or 0))
     image.header.set_slope_inter(1.0, 0.0)
     with atomic_write(path) as tmp:
         nib.save(image, str(tmp))
     return path
+
+
+__all__ = [
+    "SimpleITKReader",
+    "dicom_series_files",
+    "is_dicom_series",
+    "load_volume",
+    "ras_affine_to_sitk",
+    "save_nifti",
+    "sitk_to_ras_affine",
+    "validate_array",
+    "write_nifti",
+]

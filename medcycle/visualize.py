@@ -2,7 +2,7 @@
 
 matplotlib's object API with the Agg canvas (no pyplot, so no global backend state is touched and
 the functions are safe in worker processes and threads); every PNG is written atomically
-(:func:`medcycle.io.atomic_write`).
+(:func:`medcycle.files.atomic_write`).
 
 Orientation: volumes are ``(X, Y, Z)`` arrays whose axes run (roughly) towards the patient's Right,
 Anterior and Superior (RAS, the array convention of medcycle; reorient first otherwise, e.g. with
@@ -50,7 +50,7 @@ def _new_figure(figsize: tuple[float, float]) -> Any:
 
 
 def _save_png(figure: Any, path: str | Path, dpi: int) -> Path:
-    from medcycle.io import atomic_write
+    from medcycle.files import atomic_write
 
     path = Path(path)
     with atomic_write(path) as tmp:

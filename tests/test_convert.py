@@ -20,10 +20,25 @@ import torch
 from medcycle.checkpoint import save_checkpoint
 from medcycle.config import Config, config_hash
 from medcycle.errors import InputError, MedcycleError, UsageError
-from medcycle.io import file_checksum, ras_affine_to_sitk, sitk_to_ras_affine
+from helpers import oblique_affine as _oblique
+from helpers import permuted_affine as flipped_affine
+from helpers import phantom_mr
+from helpers import write_nifti as _write_nifti
+from medcycle.files import file_checksum
+from medcycle.io import ras_affine_to_sitk, sitk_to_ras_affine
 
 # --------------------------------------------------------------------------------------------------
 # helpers
+
+
+def oblique_affine(spacing=(0.8, 1.3, 2.5), **kwargs) -> np.ndarray:
+    """Oblique, anisotropic in all three axes."""
+    return _oblique(spacing=spacing, **kwargs)
+
+
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, qform_code: int = 1, sform_code: int = 2) -> Path:
+    """Different sform and qform codes, so keeping both shows."""
+    return _write_nifti(path, array, affine, sform_code=sform_code, qform_code=qform_code)
 
 
 def make_checkpoint(path: Path, tile: int = 16, context: int = 1, amp: str = "none", ct_knots=(), **state_extra) -> Path:
@@ -43,45 +58,6 @@ def make_checkpoint(path: Path, tile: int = 16, context: int = 1, amp: str = "no
     }
     state.update(state_extra)
     return save_checkpoint(path, state)
-
-
-def phantom_mr(shape) -> np.ndarray:
-    """A head-like MR: ellipsoid body (500) holding a bright box (1000) in one corner, air 0."""
-    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    body = (grid[0] / 0.8) ** 2 + (grid[1] / 0.75) ** 2 + (grid[2] / 1.3) ** 2 <= 1.0
-    mr = np.where(body, 500.0, 0.0).astype(np.float32)
-    x, y = shape[0], shape[1]
-    mr[int(0.25 * x): int(0.5 * x), int(0.3 * y): int(0.6 * y), :] = 1000.0
-    mr[~body] = 0.0
-    return mr
-
-
-def oblique_affine(spacing=(0.8, 1.3, 2.5), angles=(12.0, -8.0, 20.0), origin=(-30.5, 12.25, -7.0)) -> np.ndarray:
-    from scipy.spatial.transform import Rotation
-
-    affine = np.eye(4)
-    affine[:3, :3] = Rotation.from_euler("xyz", angles, degrees=True).as_matrix() @ np.diag(spacing)
-    affine[:3, 3] = origin
-    return affine
-
-
-def flipped_affine() -> np.ndarray:
-    """Non-RAS, permuted voxel order: axis 0 runs inferior (2 mm), axis 1 left, axis 2 anterior."""
-    affine = np.zeros((4, 4))
-    affine[0, 1] = -0.9
-    affine[1, 2] = 1.1
-    affine[2, 0] = -2.0
-    affine[:3, 3] = (20.0, -15.0, 30.0)
-    affine[3, 3] = 1.0
-    return affine
-
-
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, qform_code: int = 1, sform_code: int = 2) -> Path:
-    image = nib.Nifti1Image(array.astype(np.float32), affine)
-    image.set_sform(affine, code=sform_code)
-    image.set_qform(affine, code=qform_code)
-    nib.save(image, str(path))
-    return path
 
 
 def write_sitk(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
@@ -124,8 +100,8 @@ def use_generator(monkeypatch, module: torch.nn.Module) -> None:
 
     real = medcycle.checkpoint.load_generator
 
-    def fake(path, device="cpu", direction="G_mr2ct"):
-        _, config, state = real(path, device, direction)
+    def fake(path, device="cpu"):
+        _, config, state = real(path, device)
         return module, config, state
 
     monkeypatch.setattr(medcycle.checkpoint, "load_generator", fake)
@@ -261,7 +237,7 @@ def test_sliding_window_padding_and_25d(tmp_path, monkeypatch, tile, shape, cont
 
 
 def test_synthesize_25d_takes_the_centre_channel_with_edge_replication():
-    from medcycle.inferers import context_stack, synthesize
+    from medcycle.inferers import Runtime, context_stack, synthesize
 
     volume = torch.linspace(-1, 1, 7).view(1, 1, 1, 7).expand(1, 20, 12, 7).contiguous()
     stack = context_stack(volume, 3)
@@ -274,12 +250,14 @@ def test_synthesize_25d_takes_the_centre_channel_with_edge_replication():
             return x
 
     for tile in (8, 16, 32):
-        out = synthesize(ShiftedChannels(), volume, tile_size=tile, context_slices=3, batch_size=3)
+        out = synthesize(ShiftedChannels(), volume, tile_size=tile, context_slices=3, runtime=Runtime(batch_size=3))
         torch.testing.assert_close(out, volume, atol=1e-6, rtol=0)
 
 
 def test_synthesize_skips_windows_without_body_and_runs_bf16(monkeypatch):
     from medcycle import inferers
+    from medcycle.engine import amp
+    from medcycle.inferers import Runtime
 
     calls = []
 
@@ -291,21 +269,21 @@ def test_synthesize_skips_windows_without_body_and_runs_bf16(monkeypatch):
     volume = torch.rand(1, 48, 48, 4) * 2 - 1
     mask = torch.zeros_like(volume)
     mask[:, :10, :10, 1] = 1
-    out = inferers.synthesize(Counting(), volume, tile_size=16, batch_size=64, mask=mask, channels_last=True)
+    out = inferers.synthesize(Counting(), volume, tile_size=16, mask=mask, runtime=Runtime(batch_size=64, channels_last=True))
     assert sum(n for n, _, _ in calls) < 16  # only windows touching the body of slice 1
     assert calls[0][2]
     torch.testing.assert_close(out[0, :8, :8, 1], volume[0, :8, :8, 1] * 0.5)
     assert (out[..., 0] == -1).all()
 
-    monkeypatch.setattr(inferers, "_cpu_supports_bf16", lambda: True)
-    assert inferers.autocast_dtype("auto", "cpu") == torch.bfloat16
-    assert inferers.autocast_dtype("none", "cpu") is None
+    monkeypatch.setattr(amp, "cpu_supports_bf16", lambda: True)
+    assert amp.autocast_dtype("auto", "cpu") == torch.bfloat16
+    assert amp.autocast_dtype("none", "cpu") is None
     model = torch.nn.Conv2d(1, 1, 3, padding=1)
-    out = inferers.synthesize(model, volume, tile_size=16, amp="bf16")
+    out = inferers.synthesize(model, volume, tile_size=16, runtime=Runtime(amp="bf16"))
     assert out.dtype == torch.float32 and out.shape == volume.shape
     assert model.weight.dtype == torch.float32  # the bf16 copy is the inferer's own
     with torch.no_grad():
-        fp32 = inferers.synthesize(model, volume, tile_size=16, amp="none")
+        fp32 = inferers.synthesize(model, volume, tile_size=16, runtime=Runtime(amp="none"))
     assert 0 < (out - fp32).abs().max() < 0.05  # bf16 rounding, no more
 
 
@@ -313,7 +291,8 @@ def test_synthesize_runs_the_body_region_in_the_window_training_tiles_are_cut_fr
     from types import SimpleNamespace
 
     from medcycle import inferers
-    from medcycle.transforms import _window, plan_tiles
+    from medcycle.inferers import Runtime
+    from medcycle.transforms.tiling import plan_tiles, window
 
     windows = []
 
@@ -326,15 +305,15 @@ def test_synthesize_runs_the_body_region_in_the_window_training_tiles_are_cut_fr
     volume = torch.rand(1, 48, 48, 3) * 2 - 1
     mask = torch.zeros_like(volume)
     mask[:, 5:25, 10:30, :] = 1  # fits a 32-px tile even grown by MASK_MARGIN
-    inferers.synthesize(Recording(), volume, tile_size=32, batch_size=1)
+    inferers.synthesize(Recording(), volume, tile_size=32, runtime=Runtime(batch_size=1))
     assert len(windows) == 3 * 4  # whole slices: 2 x 2 overlapping windows each
     windows.clear()
-    out = inferers.synthesize(Recording(), volume, tile_size=32, batch_size=1, mask=mask)
+    out = inferers.synthesize(Recording(), volume, tile_size=32, mask=mask, runtime=Runtime(batch_size=1))
     assert len(windows) == 3  # one window per slice
     plan = plan_tiles(mask[0].numpy(), SimpleNamespace(tile_size=32, min_body_fraction=0.0))
-    tiles = _window(volume[0].numpy(), plan.start, plan.size, pad_value=-1.0)
-    for z, window in enumerate(windows):
-        np.testing.assert_array_equal(window[0, 0].numpy(), tiles[:, :, z])
+    tiles = window(volume[0].numpy(), plan.start, plan.size, pad_value=-1.0)
+    for z, seen in enumerate(windows):
+        np.testing.assert_array_equal(seen[0, 0].numpy(), tiles[:, :, z])
     x0, y0 = plan.start
     region = torch.zeros(48, 48, dtype=torch.bool)
     region[max(x0, 0):x0 + 32, max(y0, 0):y0 + 32] = True
@@ -343,7 +322,7 @@ def test_synthesize_runs_the_body_region_in_the_window_training_tiles_are_cut_fr
 
     windows.clear()
     mask[:, 5:25, 10:46, 1] = 1  # a body wider than the tile in y: more windows, all of the body covered
-    out = inferers.synthesize(Recording(), volume, tile_size=32, batch_size=1, mask=mask)
+    out = inferers.synthesize(Recording(), volume, tile_size=32, mask=mask, runtime=Runtime(batch_size=1))
     assert 3 < len(windows) < 3 * 4
     torch.testing.assert_close(out[mask > 0], volume[mask > 0] * 0.5)
 
@@ -351,6 +330,7 @@ def test_synthesize_runs_the_body_region_in_the_window_training_tiles_are_cut_fr
 def test_mirror_tta_is_the_mean_over_the_four_in_plane_mirrorings(tmp_path):
     from medcycle import inferers
     from medcycle.cli import main
+    from medcycle.inferers import Runtime
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3, padding=1), torch.nn.Tanh())  # not mirror-symmetric
@@ -358,10 +338,10 @@ def test_mirror_tta_is_the_mean_over_the_four_in_plane_mirrorings(tmp_path):
     expected = torch.zeros_like(volume)
     for dims in ((), (1,), (2,), (1, 2)):
         flip = (lambda t: t.flip(dims)) if dims else (lambda t: t)
-        expected += flip(inferers.synthesize(model, flip(volume), tile_size=16, amp="none"))
-    mirrored = inferers.synthesize(model, volume, tile_size=16, amp="none", tta="mirror")
+        expected += flip(inferers.synthesize(model, flip(volume), tile_size=16, runtime=Runtime(amp="none")))
+    mirrored = inferers.synthesize(model, volume, tile_size=16, tta="mirror", runtime=Runtime(amp="none"))
     torch.testing.assert_close(mirrored, expected / 4, atol=1e-5, rtol=0)
-    plain = inferers.synthesize(model, volume, tile_size=16, amp="none")
+    plain = inferers.synthesize(model, volume, tile_size=16, runtime=Runtime(amp="none"))
     assert (mirrored - plain).abs().max() > 1e-2
     with pytest.raises(ValueError, match="tta"):
         inferers.synthesize(model, volume, tile_size=16, tta="flip")
@@ -378,6 +358,7 @@ def test_mirror_tta_is_the_mean_over_the_four_in_plane_mirrorings(tmp_path):
 
 def test_cpu_inference_copy_is_the_same_network_and_goes_channels_last_only_where_it_pays(monkeypatch):
     from medcycle import inferers
+    from medcycle.inferers import Runtime, runtime
     from medcycle.networks.generators import ResnetGenerator
 
     torch.manual_seed(0)
@@ -387,7 +368,7 @@ def test_cpu_inference_copy_is_the_same_network_and_goes_channels_last_only_wher
     for network in (ResnetGenerator(1, 1, width=4, n_blocks=1).eval(),
                     torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3, padding=1), affine_norm)):
         original = copy.deepcopy(network)
-        tuned = inferers._cpu_copy(network, torch.float32)
+        tuned = runtime.cpu_copy(network, torch.float32)
         assert not any(isinstance(m, torch.nn.InstanceNorm2d) for m in tuned.modules())
         assert any(isinstance(m, torch.nn.GroupNorm) for m in tuned.modules())
         assert any(isinstance(m, torch.nn.InstanceNorm2d) for m in network.modules())  # the caller's is untouched
@@ -404,12 +385,13 @@ def test_cpu_inference_copy_is_the_same_network_and_goes_channels_last_only_wher
 
     generator = Recording(3, 3, width=4, n_blocks=1).eval()
     volume = torch.rand(1, 16, 16, 4) * 2 - 1
-    expected = inferers.synthesize(generator, volume, tile_size=16, context_slices=3, amp="none", channels_last=False)
+    expected = inferers.synthesize(generator, volume, tile_size=16, context_slices=3,
+                                   runtime=Runtime(amp="none", channels_last=False))
     assert formats and not any(formats)
     formats.clear()
     for smallest_pixels, channels_last in ((16, True), (17, False)):  # tile 16 / downsampling 4: 4 x 4 maps
-        monkeypatch.setattr(inferers, "CPU_CHANNELS_LAST_MIN_PIXELS", smallest_pixels)
-        out = inferers.synthesize(generator, volume, tile_size=16, context_slices=3, amp="none")
+        monkeypatch.setattr(runtime, "CPU_CHANNELS_LAST_MIN_PIXELS", smallest_pixels)
+        out = inferers.synthesize(generator, volume, tile_size=16, context_slices=3, runtime=Runtime(amp="none"))
         assert formats and set(formats) == {channels_last}
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
         formats.clear()

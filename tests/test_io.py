@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import os
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -11,108 +9,12 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from scipy.spatial.transform import Rotation
 
+from helpers import flipped_affine, oblique_affine, ramp, write_dicom_series, write_mha, write_nifti
 from medcycle.errors import InputError
-from medcycle.io import (
-    Volume,
-    atomic_write,
-    file_checksum,
-    load_volume,
-    ras_affine_to_sitk,
-    save_nifti,
-    sitk_to_ras_affine,
-)
-
-# --------------------------------------------------------------------------------------------------
-# helpers (also used by tests/test_preprocess.py)
-
-
-def oblique_affine(spacing=(0.8, 0.8, 3.0), angles=(12.0, -8.0, 20.0), origin=(-30.5, 12.25, -7.0)) -> np.ndarray:
-    """A rotated (oblique) voxel-to-RAS affine with anisotropic spacing."""
-    affine = np.eye(4)
-    affine[:3, :3] = Rotation.from_euler("xyz", angles, degrees=True).as_matrix() @ np.diag(spacing)
-    affine[:3, 3] = origin
-    return affine
-
-
-def flipped_affine(spacing=(0.8, 0.8, 3.0)) -> np.ndarray:
-    """LPS-ish voxel order: axis 0 runs to the left, axis 1 posterior, axis 2 superior."""
-    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    affine[:3, 3] = (40.0, 35.5, -12.0)
-    return affine
-
-
-def ramp(shape=(12, 10, 6)) -> np.ndarray:
-    """Distinct values in every voxel, so any reordering or flip of the axes shows."""
-    return (np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape) * 3.0 - 200.0)
-
-
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, sform_code: int = 1, qform_code: int = 1,
-                dtype=np.float32) -> Path:
-    image = nib.Nifti1Image(np.asarray(array).astype(dtype), affine)
-    image.set_sform(affine, code=sform_code)
-    image.set_qform(affine, code=qform_code)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
-    return path
-
-
-def sitk_image(array: np.ndarray, affine: np.ndarray, pixel_type=None) -> sitk.Image:
-    """A SimpleITK image of an (X, Y, Z) array on the grid of a voxel-to-RAS `affine`."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
-    if pixel_type is not None:
-        image = sitk.Cast(image, pixel_type)
-    origin, spacing, direction = ras_affine_to_sitk(affine)
-    image.SetOrigin(origin)
-    image.SetSpacing(spacing)
-    image.SetDirection(direction)
-    return image
-
-
-def write_mha(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(sitk_image(np.asarray(array, dtype=np.float32), affine), str(path))
-    return path
-
-
-_UID_COUNTER = [0]
-
-
-def write_dicom_series(folder: Path, array: np.ndarray, affine: np.ndarray, modality: str = "MR",
-                       series_uid: str | None = None) -> Path:
-    """Write an int16 DICOM series with SimpleITK, one file per axial slice, with explicit geometry tags."""
-    folder.mkdir(parents=True, exist_ok=True)
-    image = sitk_image(np.rint(array).astype(np.int16), affine)
-    origin, spacing, direction = ras_affine_to_sitk(affine)
-    _UID_COUNTER[0] += 1
-    root = f"1.2.826.0.1.3680043.8.498.{os.getpid()}.{int(time.time() * 1000)}.{_UID_COUNTER[0]}"
-    series_uid = series_uid or f"{root}.1"
-    orientation = "\\".join(f"{v:.10f}" for v in (direction[0], direction[3], direction[6],
-                                                    direction[1], direction[4], direction[7]))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for index in range(image.GetDepth()):
-        plane = image[:, :, index]
-        position = image.TransformIndexToPhysicalPoint((0, 0, index))
-        tags = {
-            "0008|0060": modality,
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.4" if modality == "MR" else "1.2.840.10008.5.1.4.1.1.2",
-            "0008|0018": f"{series_uid}.{index + 1}",
-            "0020|000d": f"{root}.9",
-            "0020|000e": series_uid,
-            "0020|0013": str(index + 1),
-            "0020|0032": "\\".join(f"{v:.10f}" for v in position),
-            "0020|0037": orientation,
-            "0028|0030": f"{spacing[1]:.10f}\\{spacing[0]:.10f}",
-            "0018|0050": f"{spacing[2]:.10f}",
-        }
-        for tag, value in tags.items():
-            plane.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"slice_{index:03d}.dcm"))
-        writer.Execute(plane)
-    return folder
-
+from medcycle.files import atomic_write, file_checksum
+from medcycle.image import affine_of, make_image, shape_of, spacing_of, voxels
+from medcycle.io import load_volume, save_nifti, sitk_to_ras_affine
 
 def assert_refused(path: Path, *words: str, **kwargs) -> InputError:
     with pytest.raises(InputError) as info:
@@ -139,12 +41,12 @@ def test_nifti_round_trip_keeps_sform_qform_codes_shape_and_voxel_order(tmp_path
     array = ramp()
     source = write_nifti(tmp_path / "in.nii.gz", array, affine, sform_code=2, qform_code=1)
     volume = load_volume(source)
-    assert volume.shape == array.shape
-    np.testing.assert_array_equal(volume.array, array)  # file voxel order, nothing reoriented
-    np.testing.assert_allclose(volume.affine, affine, atol=1e-5)
-    np.testing.assert_allclose(volume.spacing, (0.8, 0.8, 3.0), atol=1e-5)
+    assert shape_of(volume) == array.shape
+    np.testing.assert_array_equal(voxels(volume), array)  # file voxel order, nothing reoriented
+    np.testing.assert_allclose(affine_of(volume), affine, atol=1e-5)
+    np.testing.assert_allclose(spacing_of(affine_of(volume)), (0.8, 0.8, 3.0), atol=1e-5)
 
-    out = save_nifti(tmp_path / "out.nii.gz", volume.array, like=volume, dtype=np.float32)
+    out = save_nifti(tmp_path / "out.nii.gz", voxels(volume), like=volume, dtype=np.float32)
     written, original = nib.load(str(out)), nib.load(str(source))
     for getter in ("get_sform", "get_qform"):
         matrix, code = getattr(written.header, getter)(coded=True)
@@ -154,8 +56,8 @@ def test_nifti_round_trip_keeps_sform_qform_codes_shape_and_voxel_order(tmp_path
     assert written.shape == array.shape
     np.testing.assert_array_equal(np.asanyarray(written.dataobj), array)
     again = load_volume(out)
-    np.testing.assert_allclose(again.affine, volume.affine, atol=1e-6)
-    np.testing.assert_array_equal(again.array, volume.array)
+    np.testing.assert_allclose(affine_of(again), affine_of(volume), atol=1e-6)
+    np.testing.assert_array_equal(voxels(again), voxels(volume))
 
 
 def test_nifti_int16_output_is_rounded_and_clipped_not_wrapped(tmp_path):
@@ -185,12 +87,12 @@ def test_mha_affine_is_simpleitk_geometry_lps_to_ras_and_nifti_from_it_keeps_it(
     expected[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ direction @ np.diag(image.GetSpacing())
     expected[:3, 3] = np.array(image.GetOrigin()) * np.array([-1.0, -1.0, 1.0])
     volume = load_volume(path)
-    np.testing.assert_allclose(volume.affine, expected, atol=1e-6)
-    np.testing.assert_allclose(volume.affine, affine, atol=1e-5)
+    np.testing.assert_allclose(affine_of(volume), expected, atol=1e-6)
+    np.testing.assert_allclose(affine_of(volume), affine, atol=1e-5)
     np.testing.assert_allclose(sitk_to_ras_affine(image), expected, atol=1e-9)
-    np.testing.assert_array_equal(volume.array, array)  # (X, Y, Z) order, as SimpleITK's index
+    np.testing.assert_array_equal(voxels(volume), array)  # (X, Y, Z) order, as SimpleITK's index
 
-    out = save_nifti(tmp_path / "from_mha.nii.gz", volume.array, like=volume, dtype=np.float32)
+    out = save_nifti(tmp_path / "from_mha.nii.gz", voxels(volume), like=volume, dtype=np.float32)
     written = nib.load(str(out))
     for getter in ("get_sform", "get_qform"):
         matrix, code = getattr(written.header, getter)(coded=True)
@@ -212,14 +114,14 @@ def test_dicom_series_written_with_simpleitk_reads_geometry_and_values(tmp_path)
     assert first.BitsAllocated == 16 and first.PixelRepresentation == 1
     assert len(first.ImageOrientationPatient) == 6 and len(first.PixelSpacing) == 2
     volume = load_volume(folder)
-    assert volume.shape == array.shape
-    np.testing.assert_allclose(volume.affine, affine, atol=1e-4)
-    np.testing.assert_array_equal(volume.array, array.astype(np.float32))
+    assert shape_of(volume) == array.shape
+    np.testing.assert_allclose(affine_of(volume), affine, atol=1e-4)
+    np.testing.assert_array_equal(voxels(volume), array.astype(np.float32))
     # the affine maps voxel (0, 0, k) to that slice's ImagePositionPatient (LPS -> RAS)
     for path in sorted(folder.iterdir()):
         ds = pydicom.dcmread(str(path), stop_before_pixels=True)
         k = int(ds.InstanceNumber) - 1
-        ras = volume.affine @ np.array([0.0, 0.0, k, 1.0])
+        ras = affine_of(volume) @ np.array([0.0, 0.0, k, 1.0])
         np.testing.assert_allclose(ras[:3], np.array(ds.ImagePositionPatient, dtype=float) * [-1, -1, 1], atol=1e-4)
 
 
@@ -234,7 +136,7 @@ def test_4d_input_refused(tmp_path):
 
 def test_4d_with_one_volume_is_a_3d_volume(tmp_path):
     path = write_nifti(tmp_path / "one.nii.gz", ramp()[..., None], np.eye(4))
-    assert load_volume(path).shape == (12, 10, 6)
+    assert shape_of(load_volume(path)) == (12, 10, 6)
 
 
 @pytest.mark.parametrize("shape", [(8, 9), (8, 9, 1)])
@@ -285,7 +187,7 @@ def test_missing_file_refused(tmp_path):
 def test_constant_volume_refused_but_allowed_for_masks(tmp_path):
     path = write_nifti(tmp_path / "flat.nii.gz", np.full((6, 6, 6), 7.0), np.eye(4))
     assert_refused(path, "one value")
-    assert load_volume(path, allow_constant=True).shape == (6, 6, 6)
+    assert shape_of(load_volume(path, allow_constant=True)) == (6, 6, 6)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -365,7 +267,7 @@ def test_save_nifti_refuses_writing_over_its_input(tmp_path):
     before = file_checksum(source)
     volume = load_volume(source)
     with pytest.raises(InputError) as info:
-        save_nifti(source, volume.array, like=volume)
+        save_nifti(source, voxels(volume), like=volume)
     assert str(source) in str(info.value)
     assert file_checksum(source) == before
 
@@ -379,8 +281,8 @@ def test_save_nifti_refuses_a_different_shape(tmp_path):
 
 def test_volume_from_array_without_header_writes_sform_and_qform(tmp_path):
     affine = oblique_affine()
-    volume = Volume(array=ramp(), affine=affine, path=tmp_path / "virtual.mha")
-    out = save_nifti(tmp_path / "out.nii.gz", volume.array, like=volume, dtype=np.float32)
+    volume = make_image(ramp(), affine, str(tmp_path / "virtual.mha"))
+    out = save_nifti(tmp_path / "out.nii.gz", voxels(volume), like=volume, dtype=np.float32)
     written = nib.load(str(out))
     for getter in ("get_sform", "get_qform"):
         matrix, code = getattr(written.header, getter)(coded=True)

@@ -12,9 +12,10 @@ import medcycle.jobs.preprocess as preprocess
 from medcycle.config import DataConfig, config_hash, load_config
 from medcycle.data.cache import CaseTiles, load_case_tiles, load_manifest, select_cases
 from medcycle.errors import InputError, MedcycleError, UsageError
-from medcycle.io import file_checksum, load_volume
-from test_io import oblique_affine, write_dicom_series, write_mha, write_nifti
-from test_transforms import synthetic_head
+from medcycle.files import file_checksum
+from medcycle.image import affine_of, shape_of
+from medcycle.io import load_volume
+from helpers import oblique_affine, synthetic_head, write_dicom_series, write_mha, write_nifti
 
 SHAPE = (30, 26, 7)
 OVERRIDES = ["data.tile_size=32", "data.spacing=[1.0, 1.0]", "data.min_body_fraction=0.05"]
@@ -113,10 +114,10 @@ def test_synthrad_layout_nifti_mha_dicom_and_mr_only(tmp_path, dataset, capsys):
             assert source["sha256"] == file_checksum(source["path"])
         first = next(iter(record["sources"].values()))["path"]
         volume = load_volume(first)
-        np.testing.assert_allclose(record["geometry"]["original"]["affine"], volume.affine, atol=1e-4)
-        assert record["geometry"]["original"]["shape"] == list(volume.shape)
+        np.testing.assert_allclose(record["geometry"]["original"]["affine"], affine_of(volume), atol=1e-4)
+        assert record["geometry"]["original"]["shape"] == list(shape_of(volume))
         np.testing.assert_allclose(record["geometry"]["resampled"]["spacing"][:2], (1.0, 1.0), atol=1e-5)
-        assert record["geometry"]["resampled"]["shape"][2] == volume.shape[2]
+        assert record["geometry"]["resampled"]["shape"][2] == shape_of(volume)[2]
         norm = record["normalisation"]
         assert norm["mr_low"] < norm["mr_high"] and norm["ct_window"] == [-1024.0, 3000.0]
 
@@ -216,7 +217,7 @@ def test_killed_run_resumes(tmp_path, dataset, monkeypatch):
     calls = []
 
     def dies_on_third(spec, *args, **kwargs):
-        calls.append(spec.case_id)
+        calls.append(spec.name)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(spec, *args, **kwargs)

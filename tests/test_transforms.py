@@ -1,7 +1,6 @@
 """medcycle.transforms: body mask, MR/CT normalisation, the shared volume chain, its inverse, tiles."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,65 +9,21 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import ResampleToMatch
 
+from helpers import oblique_lps_affine, synthetic_head
+from helpers import write_nifti as write
 from medcycle.config import DataConfig
 from medcycle.errors import InputError
 from medcycle.transforms import (
     BodyMaskd,
+    HUCodec,
     LoadVolumed,
     NormalizeMRd,
     compute_body_mask,
     extract_tiles,
-    invert_to_original,
-    norm_to_hu,
     plan_tiles,
-    to_original_grid,
+    to_input_grid,
     volume_transforms,
 )
-
-# --------------------------------------------------------------------------------------------------
-# a synthetic head: bright scalp, dark skull, brain, an air sinus inside, noisy background
-
-
-def synthetic_head(shape=(40, 36, 14), seed=0, noise=12.0):
-    """(mr, ct, truth) arrays (X, Y, Z): MR in scanner units, CT in HU, the true body as a boolean."""
-    rng = np.random.default_rng(seed)
-    grid = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    r = (grid[0] / 0.8) ** 2 + (grid[1] / 0.75) ** 2 + (grid[2] / 1.6) ** 2
-    body = r <= 1.0
-    skull = (r > 0.55) & (r <= 0.78)
-    brain = r <= 0.55
-    sinus = ((grid[0] - 0.1) ** 2 + (grid[1] + 0.35) ** 2 <= 0.12**2) & (np.abs(grid[2]) < 0.5)
-    mr = np.zeros(shape)
-    mr[body] = 700.0
-    mr[skull] = 40.0  # cortical bone: dark in MR
-    mr[brain] = 420.0 + 60.0 * grid[0][brain]
-    mr[sinus] = 0.0  # air inside the head
-    mr = np.abs(mr + rng.normal(0.0, noise, shape))  # Rician-like background noise
-    ct = np.full(shape, -1000.0)
-    ct[body] = 30.0
-    ct[skull] = 1400.0
-    ct[brain] = 35.0
-    ct[sinus] = -1000.0
-    return mr.astype(np.float32), ct.astype(np.float32), body, skull, sinus
-
-
-def write(path: Path, array: np.ndarray, affine: np.ndarray, dtype=np.float32) -> Path:
-    image = nib.Nifti1Image(np.asarray(array).astype(dtype), affine)
-    image.set_sform(affine, code=1)
-    image.set_qform(affine, code=1)
-    nib.save(image, str(path))
-    return path
-
-
-def oblique_lps_affine() -> np.ndarray:
-    """Voxel axes roughly L, P, S (flipped in-plane), rotated, 0.8 x 0.8 x 3 mm."""
-    from scipy.spatial.transform import Rotation
-
-    affine = np.eye(4)
-    affine[:3, :3] = Rotation.from_euler("z", 7.0, degrees=True).as_matrix() @ np.diag([-0.8, -0.8, 3.0])
-    affine[:3, 3] = (15.0, 22.5, -10.0)
-    return affine
-
 
 def tiny_cfg(**changes) -> DataConfig:
     values = dict(spacing=(1.0, 1.0), tile_size=32, context_slices=1, min_body_fraction=0.05)
@@ -163,7 +118,7 @@ def test_ct_window_mapping_exact_at_lo_and_hi(tmp_path):
 KNOTS = ((-200.0, -0.85), (200.0, -0.3))
 
 
-def test_ct_knots_move_each_knot_to_its_value_and_norm_to_hu_inverts_the_chain(tmp_path):
+def test_ct_knots_move_each_knot_to_its_value_and_the_codec_inverts_the_chain(tmp_path):
     hu = np.array([-3000.0, -1024.0, -600.0, -200.0, -100.0, 0.0, 40.0, 200.0, 1600.0, 3000.0, 5000.0], dtype=np.float32)
     ct = np.zeros((len(hu), 2, 2), dtype=np.float32) + hu[:, None, None]
     path = write(tmp_path / "ct.nii.gz", ct, np.eye(4))
@@ -177,9 +132,9 @@ def test_ct_knots_move_each_knot_to_its_value_and_norm_to_hu_inverts_the_chain(t
     # the soft-tissue layers fat (-100) and skin (40) lie (0.55 / 400) / (2 / 4024) = 2.77x further apart than linearly
     linear = volume_transforms(tiny_cfg(), ["ct"])({"ct": str(path)})["ct"].numpy()[0, :, 0, 0]
     assert (values[6] - values[4]) == pytest.approx(0.55 / 400 / (2 / 4024) * (linear[6] - linear[4]), rel=1e-4)
-    back = norm_to_hu(out.as_tensor().clone(), cfg).numpy()[0, :, 0, 0]
+    back = HUCodec.from_config(cfg).decode(out.numpy())[0, :, 0, 0]
     np.testing.assert_allclose(back, np.clip(hu, -1024, 3000), atol=0.05)
-    np.testing.assert_allclose(norm_to_hu(torch.from_numpy(linear.copy()), tiny_cfg()).numpy(), np.clip(hu, -1024, 3000), atol=0.05)
+    np.testing.assert_allclose(HUCodec.from_config(tiny_cfg()).decode(linear), np.clip(hu, -1024, 3000), atol=0.05)
 
 
 def test_ct_knots_of_three_segments_inside_the_window(tmp_path):
@@ -189,7 +144,7 @@ def test_ct_knots_of_three_segments_inside_the_window(tmp_path):
     cfg = tiny_cfg(ct_knots=((-200.0, -0.85), (200.0, -0.3), (1800.0, 0.9)))
     out = volume_transforms(cfg, ["ct"])({"ct": str(path)})["ct"]
     np.testing.assert_allclose(out.numpy()[0, :, 0, 0], [-1.0, -0.575, 0.0, 0.3, 0.9, 0.95, 1.0], atol=1e-5)
-    np.testing.assert_allclose(norm_to_hu(out.as_tensor().clone(), cfg).numpy()[0, :, 0, 0], hu, atol=0.05)
+    np.testing.assert_allclose(HUCodec.from_config(cfg).decode(out.numpy())[0, :, 0, 0], hu, atol=0.05)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,31 +225,25 @@ def test_unreadable_input_refused_naming_the_file(tmp_path):
         volume_transforms(tiny_cfg(), ["mr"])({"mr": str(bad)})
 
 
-@pytest.mark.parametrize("method", ["resample_to_match", "to_original_grid", "compose_inverse"])
-def test_result_on_the_model_grid_maps_back_onto_the_original_grid(tmp_path, method):
+@pytest.mark.parametrize("affine", [oblique_lps_affine(), np.diag([-1.3, 0.7, 2.5, 1.0])], ids=["oblique_lps", "anisotropic"])
+def test_result_on_the_model_grid_maps_back_onto_the_original_grid(tmp_path, affine):
     mr, _, _, _, _ = synthetic_head(shape=(30, 26, 8))
-    affine = oblique_lps_affine()
     path = write(tmp_path / "mr.nii.gz", mr, affine)
-    transforms = volume_transforms(tiny_cfg(spacing=(1.0, 1.0)), ["mr"])
-    out = transforms({"mr": str(path)})
-    model = out["mr"]
+    model = volume_transforms(tiny_cfg(spacing=(1.0, 1.0)), ["mr"])({"mr": str(path)})["mr"]
     assert tuple(model.shape[1:]) != mr.shape  # really resampled
     sct = model.as_tensor().clone() * 0.5  # a stand-in result of the generator on the model grid
-    if method == "resample_to_match":
-        original = LoadVolumed(["mr"])({"mr": str(path)})["mr"]
-        source = MetaTensor(sct, affine=model.affine.clone())
-        back = ResampleToMatch(mode="bilinear", padding_mode="border", dtype=torch.float32)(source, img_dst=original)
-    elif method == "to_original_grid":
-        back = to_original_grid(sct, model.affine, model.meta["medcycle_original_affine"],
-                                model.meta["medcycle_original_shape"])
-    else:
-        back = invert_to_original(transforms, sct, model)
-    assert tuple(back.shape) == (1, *mr.shape)
-    np.testing.assert_allclose(np.asarray(back.affine, dtype=np.float64), affine, atol=1e-4)
+    back = to_input_grid(sct, model.affine, model)
+    assert back.shape == mr.shape
+    # the same as MONAI's ResampleToMatch onto the file's own grid
+    original = LoadVolumed(["mr"])({"mr": str(path)})["mr"]
+    source = MetaTensor(sct, affine=model.affine.clone())
+    expected = ResampleToMatch(mode="bilinear", padding_mode="border", dtype=torch.float32)(source, img_dst=original)
+    np.testing.assert_allclose(np.asarray(expected.affine, dtype=np.float64), affine, atol=1e-4)
+    np.testing.assert_allclose(back, expected.numpy()[0], atol=1e-5)
     # and the values are those of the model grid (the MR, normalised and halved): a smooth region agrees
     reference = np.clip(2 * (mr - model.meta["mr_low"]) / (model.meta["mr_high"] - model.meta["mr_low"]) - 1, -1, 1) * 0.5
     centre = (slice(12, 18), slice(10, 16), slice(2, 6))
-    np.testing.assert_allclose(back.numpy()[0][centre].mean(), reference[centre].mean(), atol=0.05)
+    np.testing.assert_allclose(back[centre].mean(), reference[centre].mean(), atol=0.05)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
     CACHE/cases/<id>/mask.npy      (N, 1, T, T) uint8 body mask
     CACHE/cases/<id>/record.json   sources (path, sha256), geometry, normalisation, slices kept
 
-Every file is written to a temporary name and renamed (:func:`medcycle.io.atomic_write`); a case's
+Every file is written to a temporary name and renamed (:func:`medcycle.files.atomic_write`); a case's
 ``record.json`` is written last, so a case counts as done only when its record exists, names the
 current data-config hash and source checksums, and its arrays are there with the recorded shapes.
 """
@@ -39,7 +39,7 @@ def case_dir(cache_dir: str | os.PathLike, case_id: str) -> Path:
 
 def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     """Write `payload` as indented JSON, atomically."""
-    from medcycle.io import atomic_write  # medcycle.io imports MONAI: only when writing
+    from medcycle.files import atomic_write
 
     path = Path(path)
     with atomic_write(path) as tmp:
@@ -49,7 +49,7 @@ def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
 
 def write_array(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write `array` as .npy, atomically (a killed run never leaves a half-written array under `path`)."""
-    from medcycle.io import atomic_write
+    from medcycle.files import atomic_write
 
     path = Path(path)
     with atomic_write(path) as tmp:

@@ -48,7 +48,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medcycle.config import Config
 from medcycle.errors import UsageError
-from medcycle.inferers import CPU_BATCH_PIXELS, autocast_dtype
+from medcycle.engine.amp import autocast_dtype
+from medcycle.inferers.runtime import CPU_BATCH_PIXELS
 from medcycle.losses import (
     GradientConsistencyLoss,
     ImagePool,
@@ -436,16 +437,13 @@ class CycleGANTrainer:
         `tiles` as :func:`medcycle.data.dataset.validation_tiles` returns them.
         """
         from medcycle.metrics import image_metrics
-        from medcycle.transforms import norm_to_hu
+        from medcycle.transforms import HUCodec
 
         data = self.config.data
         centre = data.context_slices // 2
         sct = self.translate(tiles["mr"])[:, centre]
-
-        def to_hu(x: np.ndarray) -> np.ndarray:
-            return norm_to_hu(torch.from_numpy(np.array(x, dtype=np.float32)), data).numpy()
-
-        pred_hu, ref_hu = to_hu(sct), to_hu(np.asarray(tiles["ct"])[:, centre])
+        codec = HUCodec.from_config(data)
+        pred_hu, ref_hu = codec.decode(sct), codec.decode(np.asarray(tiles["ct"])[:, centre])
         lo, hi = (float(v) for v in data.ct_window)
         rows = []
         for i in range(pred_hu.shape[0]):

@@ -5,26 +5,25 @@ One case:
 1. the checkpoint gives the generator and the preprocessing it was trained with (``config.data``:
    orientation, in-plane spacing, tile size, context slices, MR percentiles, CT window); nothing is
    retyped on the command line;
-2. the MRI is read and validated (:func:`medcycle.io.load_volume`), then put on the model grid by the
-   shared MONAI transforms (:func:`medcycle.transforms.volume_transforms`): oriented, resampled
-   in-plane, body mask (``--mask``, or computed from the MR), MR normalised to [-1, 1];
+2. the MRI is read once (:func:`medcycle.io.load_volume`) and put on the model grid by the shared
+   MONAI transforms (:func:`medcycle.transforms.volume_transforms`): oriented, resampled in-plane,
+   body mask (``--mask``, or computed from the MR), MR normalised to [-1, 1];
 3. :func:`medcycle.inferers.synthesize` runs the generator over every axial slice (sliding windows
    on the body's region, 2.5D context, bf16 on CPUs that have it, by default the mean over the four
    in-plane mirrorings: ``tta``);
-4. the output is mapped to HU (the inverse of the CT window mapping), resampled back onto the
-   input's voxel grid (MONAI ``SpatialResample`` to the input's affine and shape), set to -1000 HU
-   outside the body mask (unless ``no_mask``) and written as int16 NIfTI whose affine (sform and
-   qform) and shape are the input's. For DICOM/MHA/NRRD inputs the geometry is the one SimpleITK
-   reads. With ``dicom_out`` the sCT is also written as a CT DICOM series on the same geometry.
+4. the output is decoded to HU (:class:`medcycle.transforms.HUCodec`), resampled back onto the
+   input's voxel grid (:func:`medcycle.transforms.to_input_grid`), set to -1000 HU outside the body
+   mask (unless ``no_mask``) and written as int16 NIfTI whose affine (sform and qform) and shape are
+   the input's. For DICOM/MHA/NRRD inputs the geometry is the one SimpleITK reads. With ``dicom_out``
+   the sCT is also written as a CT DICOM series on the same geometry.
 
-INPUT is a NIfTI/MHA/NRRD file, a DICOM-series folder, or a folder of cases (folder mode):
+INPUT is a NIfTI/MHA/NRRD file, a DICOM-series folder, or a folder of cases (folder mode, layouts of
+:func:`medcycle.cases.mr_cases`):
 
-* SynthRAD layout ``INPUT/<case>/mr.{nii.gz,nii,mha,nrrd}`` (or ``<case>/mr/`` holding a DICOM
-  series) -> ``OUTPUT/<case>/sct.nii.gz``; the case's ``mask.*`` is used as its body mask when present;
-* flat layout ``INPUT/<name>.{nii.gz,nii,mha,nrrd}`` -> ``OUTPUT/<name>_sct.nii.gz``; files named
-  ``*_sct.*`` (outputs) and ``*_mask.*`` are not cases, and ``<name>_mask.*`` is used as the body
-  mask of ``<name>`` when present; a sub-folder holding a DICOM series is a case too
-  (-> ``OUTPUT/<folder>_sct.nii.gz``);
+* SynthRAD layout ``INPUT/<case>/mr.*`` -> ``OUTPUT/<case>/sct.nii.gz``, the case's ``mask.*`` as its
+  body mask when present;
+* flat layout ``INPUT/<name>.nii.gz`` -> ``OUTPUT/<name>_sct.nii.gz``, with ``<name>_mask.*`` as its
+  mask when present; a sub-folder holding a DICOM series -> ``OUTPUT/<folder>_sct.nii.gz``;
 * with ``dicom_out`` each case's series goes to ``DICOM_OUT/<case or name>/``.
 
 Folder mode loads the generator once, shows a progress bar, skips cases whose output exists (unless
@@ -36,149 +35,103 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
+from medcycle.cases import Case, mr_cases
 from medcycle.errors import InputError, MedcycleError, UsageError
-from medcycle.io import (
-    NIFTI_SUFFIXES,
-    VOLUME_SUFFIXES,
-    Volume,
-    check_same_grid,
-    find_named_volume,
-    is_dicom_series,
-    load_volume,
-    save_nifti,
-)
+from medcycle.files import NIFTI_SUFFIXES, check_output_location, inside, refuse_overwriting, stem, volume_suffix
+from medcycle.io import is_dicom_series
 
-AIR_HU = -1000.0
-# Output voxels resampled per MONAI SpatialResample call (its sampling grid is 3 floats per voxel).
-RESAMPLE_CHUNK_VOXELS = 4_000_000
+AIR_HU = -1000  # the sCT outside the body mask
 
 
 @dataclass
-class Case:
-    """One conversion: where the MR is, its optional mask, and where the outputs go."""
+class Conversion:
+    """One conversion: the case (its MR and optional mask) and where its outputs go."""
 
-    name: str
-    mr: Path
+    case: Case
     output: Path
-    mask: Optional[Path] = None
     dicom_out: Optional[Path] = None
+
+    @property
+    def mr(self) -> Path:
+        return self.case.volumes["mr"]
+
+    @property
+    def mask(self) -> Optional[Path]:
+        return self.case.get("mask")
+
+
+@dataclass
+class Settings:
+    """How every case is converted: the generator, its config, and the user's options."""
+
+    generator: torch.nn.Module
+    config: Any
+    device: torch.device
+    batch_size: int = 8
+    no_mask: bool = False
+    overwrite: bool = False
+    tta: str = "mirror"
 
 
 # --------------------------------------------------------------------------------------------------
 # planning: which cases, which outputs; every refusal before any heavy work
 
 
-def _volume_suffix(path: Path) -> Optional[str]:
-    name = path.name.lower()
-    for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-        if name.endswith(suffix):
-            return suffix
-    return None
+def _check_outputs(job: Conversion, input_root: Path) -> None:
+    refuse_overwriting(job.output, [(job.mr, "input"), (job.mask, "mask")])
+    if job.mr.is_dir() and inside(job.output, job.mr):
+        raise InputError(f"{job.output}: is inside the input DICOM folder {job.mr}; write it elsewhere")
+    if job.output.exists() and job.output.is_dir():
+        raise InputError(f"{job.output}: is a folder; give an output file name ending in .nii.gz")
+    if job.dicom_out is not None:
+        if (same_or_inside(job.mr, job.dicom_out) or inside(input_root, job.dicom_out)
+                or (job.mr.is_dir() and inside(job.dicom_out, job.mr))):
+            raise InputError(f"{job.dicom_out}: the DICOM output folder is, holds or lies in the input; choose another folder")
+        if job.dicom_out.exists() and not job.dicom_out.is_dir():
+            raise InputError(f"{job.dicom_out}: exists and is not a folder")
 
 
-def _stem(path: Path) -> str:
-    suffix = _volume_suffix(path)
-    return path.name[: -len(suffix)] if suffix and path.is_file() else path.name
+def same_or_inside(path: Path, folder: Path) -> bool:
+    return inside(path, folder) or path.resolve() == folder.resolve()
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def _check_output_location(path: Path) -> None:
-    """Refuse early an output whose folder cannot be created or written (one clear line)."""
-    parent = path.parent
-    ancestor = parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise InputError(f"{path}: cannot create the output folder ({ancestor} is a file)")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InputError(f"{path}: the output folder {ancestor} is not writable")
-    if parent.is_dir():
-        try:  # catches read-only file systems and ACLs that os.access misses
-            with tempfile.NamedTemporaryFile(dir=parent, prefix=".medcycle-probe-"):
-                pass
-        except OSError as exc:
-            raise InputError(f"{path}: the output folder {parent} is not writable ({exc.strerror or exc})") from None
-
-
-def _check_case_outputs(case: Case, input_root: Path) -> None:
-    mr = case.mr.resolve()
-    if case.output.resolve() == mr:
-        raise InputError(f"{case.output}: the output path is the input; choose another output file")
-    if case.mask is not None and case.output.resolve() == case.mask.resolve():
-        raise InputError(f"{case.output}: the output path is the mask; choose another output file")
-    if case.mr.is_dir() and _inside(case.output, case.mr):
-        raise InputError(f"{case.output}: is inside the input DICOM folder {case.mr}; write it elsewhere")
-    if case.output.exists() and case.output.is_dir():
-        raise InputError(f"{case.output}: is a folder; give an output file name ending in .nii.gz")
-    if case.dicom_out is not None:
-        if (case.dicom_out.resolve() == mr or _inside(case.mr, case.dicom_out) or _inside(input_root, case.dicom_out)
-                or (case.mr.is_dir() and _inside(case.dicom_out, case.mr))):
-            raise InputError(f"{case.dicom_out}: the DICOM output folder is, holds or lies in the input; choose another folder")
-        if case.dicom_out.exists() and not case.dicom_out.is_dir():
-            raise InputError(f"{case.dicom_out}: exists and is not a folder")
-
-
-def _plan_file(input: Path, output: Path, mask: Optional[Path], dicom_out: Optional[Path]) -> Case:
+def _plan_file(input: Path, output: Path, mask: Optional[Path], dicom_out: Optional[Path]) -> Conversion:
     if output.is_dir():
-        output = output / f"{_stem(input)}_sct.nii.gz"
+        output = output / f"{stem(input)}_sct.nii.gz"
     elif not output.name.lower().endswith(NIFTI_SUFFIXES):
         raise UsageError(f"{output}: the output must be a NIfTI file name ending in .nii.gz or .nii")
-    return Case(name=_stem(input), mr=input, output=output, mask=mask, dicom_out=dicom_out)
+    volumes = {"mr": input, **({"mask": mask} if mask is not None else {})}
+    return Conversion(Case(stem(input), input, volumes), output, dicom_out)
 
 
-def _plan_folder(input: Path, output: Path, dicom_out: Optional[Path]) -> tuple[list[Case], list[str]]:
+def _plan_folder(input: Path, output: Path, dicom_out: Optional[Path]) -> tuple[list[Conversion], list[str]]:
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output}: INPUT is a folder of cases, so OUTPUT must be a folder, not a file")
     if output.resolve() == input.resolve():
         raise UsageError(f"{output}: the output folder is the input folder; choose another folder")
-    cases: list[Case] = []
-    ignored: list[str] = []
-    for entry in sorted(input.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            if _inside(output, entry) or (dicom_out is not None and _inside(dicom_out, entry)):
-                continue  # our own output folder inside the input folder
-            mr = find_named_volume(entry, "mr")
-            if mr is not None:
-                cases.append(Case(entry.name, mr, output / entry.name / "sct.nii.gz", find_named_volume(entry, "mask"),
-                                  dicom_out / entry.name if dicom_out else None))
-            elif is_dicom_series(entry):
-                cases.append(Case(entry.name, entry, output / f"{entry.name}_sct.nii.gz", None,
-                                  dicom_out / entry.name if dicom_out else None))
-            else:
-                ignored.append(entry.name)
-        elif _volume_suffix(entry) is not None:
-            stem = _stem(entry)
-            if stem.endswith(("_sct", "_mask")):  # our outputs; masks of the flat layout
-                continue
-            cases.append(Case(stem, entry, output / f"{stem}_sct.nii.gz", find_named_volume(input, f"{stem}_mask"),
-                              dicom_out / stem if dicom_out else None))
+    cases, ignored = mr_cases(input, skip=[p for p in (output, dicom_out) if p is not None])
     if not cases:
         raise InputError(
             f"{input}: no cases found (expected <case>/mr.nii.gz folders, volume files, or a DICOM series)"
         )
-    names = [c.output for c in cases]
+    jobs = []
+    for case in cases:
+        nested = case.origin.is_dir() and case.origin != case.volumes["mr"]  # a SynthRAD case folder
+        target = output / case.name / "sct.nii.gz" if nested else output / f"{case.name}_sct.nii.gz"
+        jobs.append(Conversion(case, target, dicom_out / case.name if dicom_out else None))
+    names = [job.output for job in jobs]
     if len(set(names)) != len(names):
         dupes = sorted({str(n) for n in names if names.count(n) > 1})
         raise InputError(f"{input}: several inputs would write {dupes[0]} (e.g. case.nii and case.nii.gz)")
-    return cases, ignored
+    return jobs, ignored
 
 
 def _resolve_device(device: Optional[str]) -> torch.device:
@@ -197,127 +150,56 @@ def _resolve_device(device: Optional[str]) -> torch.device:
 # one case
 
 
-def _preprocess(data_cfg: Any, mr: Path, mask: Optional[Path]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(normalised MR, body mask) on the model grid, as MetaTensors (1, X', Y', Z') with affines."""
-    from medcycle.transforms import volume_transforms
-
-    keys = ("mr", "mask") if mask is not None else ("mr",)
-    data = {"mr": str(mr)}
-    if mask is not None:
-        data["mask"] = str(mask)
-    out = volume_transforms(data_cfg, keys)(data)
-    return out["mr"], out.get("mask")
-
-
-def _affine_of(tensor: torch.Tensor) -> np.ndarray:
-    affine = getattr(tensor, "affine", None)
-    if affine is None:
-        raise RuntimeError("the preprocessing transforms returned a tensor without an affine")
-    return np.asarray(affine, dtype=np.float64)
-
-
-def to_input_grid(values: torch.Tensor, values_affine: np.ndarray, like: Volume, mode: str = "bilinear",
-                  post: Optional[Callable[[np.ndarray], np.ndarray]] = None, dtype: Any = np.float32) -> np.ndarray:
-    """Resample (X', Y', Z') `values` on `values_affine` onto the (X, Y, Z) grid of `like`.
-
-    :func:`medcycle.transforms.to_original_grid` (MONAI ``SpatialResample`` in world coordinates, so
-    orientation changes and in-plane resampling are undone exactly; border padding) in chunks of the
-    input's last axis to bound memory; `post` maps each float32 chunk (e.g. rounding to int16,
-    thresholding a mask) into a `dtype` result.
-    """
-    from medcycle.transforms import to_original_grid
-
-    values = values.as_tensor() if hasattr(values, "as_tensor") else torch.as_tensor(values)
-    values = values.reshape(values.shape[-3:])
-    x_size, y_size, z_size = like.shape
-    result = np.empty((x_size, y_size, z_size), dtype=dtype)
-    if tuple(values.shape) == like.shape and np.allclose(values_affine, like.affine, atol=1e-6):
-        chunk = values.to(torch.float32).numpy()
-        result[...] = post(chunk) if post else chunk
-        return result
-    step = max(1, RESAMPLE_CHUNK_VOXELS // (x_size * y_size))
-    for z0 in range(0, z_size, step):
-        z1 = min(z_size, z0 + step)
-        shift = np.eye(4)
-        shift[2, 3] = z0
-        out = to_original_grid(values, values_affine, like.affine @ shift, (x_size, y_size, z1 - z0), mode=mode)
-        chunk = torch.as_tensor(out)[0].detach().cpu().numpy()
-        result[..., z0:z1] = post(chunk) if post else chunk
-    return result
-
-
 def _round_int16(chunk: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(chunk), -32768, 32767).astype(np.int16)
 
 
-def convert_case(case: Case, generator: torch.nn.Module, config: Any, device: torch.device, batch_size: int,
-                 no_mask: bool, overwrite: bool, tta: str = "mirror") -> dict[str, Any]:
+def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
     """Convert one case with an already loaded generator; returns its result record."""
+    from medcycle.image import affine_of, source_grid, voxels
+    from medcycle.inferers import Runtime, synthesize
+    from medcycle.io import load_volume, save_nifti
+    from medcycle.transforms import HUCodec, to_input_grid, volume_transforms
+
     started = time.perf_counter()
-    volume = load_volume(case.mr)
-    given_mask = None
-    if case.mask is not None:
-        given_mask = load_volume(case.mask, allow_constant=True)
-        check_same_grid(volume, given_mask)
-        if not (given_mask.array > 0).any():
-            raise InputError(f"{case.mask}: the mask is empty (no voxel > 0)")
-    if case.dicom_out is not None:
+    if job.case.problem:
+        raise InputError(job.case.problem)
+    data = settings.config.data
+    images = {"mr": load_volume(job.mr)}
+    if job.mask is not None:
+        images["mask"] = load_volume(job.mask, allow_constant=True)
+    input_affine, input_shape = source_grid(images["mr"])
+    if job.dicom_out is not None:
         from medcycle.dicom import check_affine
 
-        check_affine(volume.affine, case.dicom_out)  # refuse before any work
-    # Only the geometry (and NIfTI header) of the input is needed from here on: free its voxels.
-    volume.array = np.broadcast_to(np.zeros((), dtype=np.float32), volume.shape)
+        check_affine(input_affine, job.dicom_out)  # refuse before any work
+    on_model_grid = volume_transforms(data, list(images))(images)  # checks the mask's grid and content
+    body = voxels(images["mask"]) > 0 if job.mask is not None and not settings.no_mask else None
+    del images  # from here on the images on the model grid carry the input's geometry
 
-    from medcycle.transforms import norm_to_hu
-
-    data = config.data
-    mr_norm, model_mask = _preprocess(data, case.mr, case.mask)
-    model_affine = _affine_of(mr_norm)
-    use_mask = not no_mask and model_mask is not None
-    sct = synthesize_case(generator, mr_norm, model_mask if use_mask else None, config, device, batch_size, tta=tta)
-    del mr_norm
-    hu = to_input_grid(norm_to_hu(sct, data), model_affine, volume, post=_round_int16, dtype=np.int16)
+    mr, model_mask = on_model_grid["mr"], on_model_grid["mask"]
+    runtime = Runtime(device=settings.device, amp=settings.config.train.amp, batch_size=settings.batch_size)
+    sct = synthesize(settings.generator, mr, data.tile_size, data.context_slices,
+                     mask=None if settings.no_mask else model_mask, tta=settings.tta, runtime=runtime)
+    hu = to_input_grid(HUCodec.from_config(data).decode_(sct), affine_of(mr), mr, post=_round_int16, dtype=np.int16)
     del sct
-    if not no_mask:
-        if given_mask is not None:
-            body = given_mask.array > 0
-        elif model_mask is not None:
-            body = to_input_grid(model_mask, model_affine, volume, post=lambda c: c >= 0.5, dtype=bool)
-        else:
-            raise RuntimeError("the preprocessing transforms returned no body mask")
-        hu[~body] = int(AIR_HU)
+    if not settings.no_mask:
+        if body is None:
+            body = to_input_grid(model_mask, affine_of(model_mask), mr, post=lambda c: c >= 0.5, dtype=bool)
+        hu[~body] = AIR_HU
         del body
-    del model_mask, given_mask
 
-    save_nifti(case.output, hu, like=volume, dtype=np.int16)
-    record: dict[str, Any] = {"case": case.name, "input": str(case.mr), "output": str(case.output)}
-    if case.dicom_out is not None:
+    save_nifti(job.output, hu, like=mr, dtype=np.int16)
+    record: dict[str, Any] = {"case": job.case.name, "input": str(job.mr), "output": str(job.output)}
+    if job.dicom_out is not None:
         from medcycle.dicom import write_ct_series
 
-        reference = case.mr if case.mr.is_dir() else None
-        write_ct_series(case.dicom_out, hu, volume.affine, reference=reference, overwrite=overwrite)
-        record["dicom"] = str(case.dicom_out)
-    record.update(status="converted", seconds=round(time.perf_counter() - started, 3), shape=list(volume.shape),
-                  mask="none" if no_mask else ("given" if case.mask is not None else "computed"))
+        reference = job.mr if job.mr.is_dir() else None
+        write_ct_series(job.dicom_out, hu, input_affine, reference=reference, overwrite=settings.overwrite)
+        record["dicom"] = str(job.dicom_out)
+    record.update(status="converted", seconds=round(time.perf_counter() - started, 3), shape=list(input_shape),
+                  mask="none" if settings.no_mask else ("given" if job.mask is not None else "computed"))
     return record
-
-
-def synthesize_case(generator: torch.nn.Module, mr_norm: torch.Tensor, mask: Optional[torch.Tensor], config: Any,
-                    device: torch.device, batch_size: int, tta: str = "mirror") -> torch.Tensor:
-    """The generator's [-1, 1] output for a preprocessed MR, with the checkpoint's tile/context/AMP."""
-    from medcycle.inferers import synthesize
-
-    return synthesize(
-        generator,
-        mr_norm,
-        tile_size=config.data.tile_size,
-        context_slices=config.data.context_slices,
-        batch_size=batch_size,
-        device=device,
-        amp=config.train.amp,
-        mask=mask,
-        tta=tta,
-    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,53 +249,55 @@ def run(
     if folder_mode:
         if mask_path is not None:
             raise UsageError("--mask takes one mask for one input; in folder mode each case's mask.* is used")
-        cases, ignored = _plan_folder(input, output, dicom_path)
+        jobs, ignored = _plan_folder(input, output, dicom_path)
     else:
-        if input.is_file() and _volume_suffix(input) is None:
+        if input.is_file() and volume_suffix(input) is None:
             raise InputError(f"{input}: not a volume (expected .nii, .nii.gz, .mha, .nrrd or a DICOM folder)")
-        cases = [_plan_file(input, output, mask_path, dicom_path)]
-        case = cases[0]
-        _check_case_outputs(case, input)
-        if case.output.exists() and not overwrite:
-            raise InputError(f"{case.output}: already exists (use --overwrite to replace it)")
-        if case.dicom_out is not None and case.dicom_out.is_dir() and any(case.dicom_out.iterdir()) and not overwrite:
-            raise InputError(f"{case.dicom_out}: already exists and is not empty (use --overwrite to replace it)")
-        _check_output_location(case.output)
-        if case.dicom_out is not None:
-            _check_output_location(case.dicom_out / "x")
+        job = _plan_file(input, output, mask_path, dicom_path)
+        _check_outputs(job, input)
+        if job.output.exists() and not overwrite:
+            raise InputError(f"{job.output}: already exists (use --overwrite to replace it)")
+        if job.dicom_out is not None and job.dicom_out.is_dir() and any(job.dicom_out.iterdir()) and not overwrite:
+            raise InputError(f"{job.dicom_out}: already exists and is not empty (use --overwrite to replace it)")
+        check_output_location(job.output)
+        if job.dicom_out is not None:
+            check_output_location(job.dicom_out / "x")
+        jobs = [job]
 
     generator, config, _ = load_generator(model, torch_device)
-
+    settings = Settings(generator, config, torch_device, batch_size, no_mask, overwrite, tta)
     if not folder_mode:
-        return [convert_case(cases[0], generator, config, torch_device, batch_size, no_mask, overwrite, tta)]
-    return _run_folder(cases, ignored, input, output, generator, config, torch_device, batch_size, no_mask, overwrite, tta)
+        return [convert_case(jobs[0], settings)]
+    return _run_folder(jobs, ignored, input, output, settings)
 
 
-def _run_folder(cases: list[Case], ignored: list[str], input: Path, output: Path, generator: torch.nn.Module,
-                config: Any, device: torch.device, batch_size: int, no_mask: bool, overwrite: bool,
-                tta: str) -> list[dict[str, Any]]:
+def _run_folder(jobs: list[Conversion], ignored: list[str], input: Path, output: Path,
+                settings: Settings) -> list[dict[str, Any]]:
+    from dataclasses import replace
+
     from tqdm import tqdm
 
     records: list[dict[str, Any]] = []
-    bar = tqdm(cases, desc="convert", unit="case", file=sys.stderr, dynamic_ncols=True)
-    for case in bar:
-        bar.set_postfix_str(case.name)
-        base = {"case": case.name, "input": str(case.mr), "output": str(case.output)}
-        done = case.output.is_file() and (case.dicom_out is None or (case.dicom_out.is_dir() and any(case.dicom_out.iterdir())))
-        if done and not overwrite:
+    each = replace(settings, overwrite=True)  # a case that is not skipped replaces its partial outputs
+    bar = tqdm(jobs, desc="convert", unit="case", file=sys.stderr, dynamic_ncols=True)
+    for job in bar:
+        bar.set_postfix_str(job.case.name)
+        base = {"case": job.case.name, "input": str(job.mr), "output": str(job.output)}
+        done = job.output.is_file() and (job.dicom_out is None or (job.dicom_out.is_dir() and any(job.dicom_out.iterdir())))
+        if done and not settings.overwrite:
             records.append({**base, "status": "skipped"})
             continue
         try:
-            _check_case_outputs(case, input)
-            _check_output_location(case.output)
-            records.append(convert_case(case, generator, config, device, batch_size, no_mask, overwrite=True, tta=tta))
+            _check_outputs(job, input)
+            check_output_location(job.output)
+            records.append(convert_case(job, each))
         except MedcycleError as exc:
             records.append({**base, "status": "failed", "error": str(exc)})
-            tqdm.write(f"medcycle convert: {case.name}: failed: {exc}", file=sys.stderr)
+            tqdm.write(f"medcycle convert: {job.case.name}: failed: {exc}", file=sys.stderr)
         except Exception as exc:  # noqa: BLE001 - one broken case must not stop the others
             message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             records.append({**base, "status": "failed", "error": message})
-            tqdm.write(f"medcycle convert: {case.name}: failed: {message}", file=sys.stderr)
+            tqdm.write(f"medcycle convert: {job.case.name}: failed: {message}", file=sys.stderr)
     bar.close()
 
     counts = {s: sum(r["status"] == s for r in records) for s in ("converted", "skipped", "failed")}
@@ -428,3 +312,6 @@ def _run_folder(cases: list[Case], ignored: list[str], input: Path, output: Path
     if failed:
         raise MedcycleError(f"{len(failed)} of {len(records)} cases failed: {', '.join(r['case'] for r in failed)}")
     return records
+
+
+__all__ = ["Conversion", "Settings", "convert_case", "run"]

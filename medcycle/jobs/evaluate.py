@@ -30,10 +30,11 @@ from typing import Any, Optional
 
 import numpy as np
 
+from medcycle.cases import ct_cases, find_named_volume
 from medcycle.errors import InputError, MedcycleError, UsageError
-from medcycle.io import find_named_volume, is_dicom_series
+from medcycle.files import atomic_write, stem
+from medcycle.io import is_dicom_series
 
-VOLUME_SUFFIXES_ORDERED = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 CSV_COLUMNS = ("case", "mae", "psnr", "ssim", "mae_bone", "mae_air", "mae_soft")
 SUMMARY_KEYS = CSV_COLUMNS[1:]
 
@@ -54,39 +55,22 @@ class EvalCase:
 # finding the cases
 
 
-def _stem(path: Path) -> str:
-    lower = path.name.lower()
-    for suffix in VOLUME_SUFFIXES_ORDERED:
-        if lower.endswith(suffix) and path.is_file():
-            return path.name[: -len(suffix)]
-    return path.name
-
-
-def _reference_cases(ref: Path) -> list[tuple[str, Path]]:
-    """(case, ct path) of every ``REF/<case>/ct.*``, sorted by name."""
-    cases = []
-    for entry in sorted(ref.iterdir()):
-        if entry.is_dir() and not entry.name.startswith("."):
-            ct = find_named_volume(entry, "ct")
-            if ct is not None:
-                cases.append((entry.name, ct))
-    return cases
-
-
 def _plan_folder(pred: Path, ref: Path) -> list[EvalCase]:
     cases = []
-    for name, ct in _reference_cases(ref):
+    for case in ct_cases(ref):
+        if case.problem:
+            raise InputError(case.problem)
+        name = case.name
         prediction = find_named_volume(pred / name, "sct") if (pred / name).is_dir() else None
         if prediction is None:
             prediction = find_named_volume(pred, f"{name}_sct")
-        cases.append(EvalCase(name=name, pred=prediction, ref=ct, mask=find_named_volume(ref / name, "mask"),
-                              mr=find_named_volume(ref / name, "mr"),
+        cases.append(EvalCase(name=name, pred=prediction, ref=case.volumes["ct"], mask=case.get("mask"), mr=case.get("mr"),
                               expected=f"{pred / name / 'sct.nii.gz'} or {pred / (name + '_sct.nii.gz')}"))
     return cases
 
 
 def _file_case_name(pred: Path) -> str:
-    name = _stem(pred)
+    name = stem(pred)
     if name.lower().endswith("_sct") and len(name) > 4:
         return name[:-4]
     if name.lower() in ("sct", "pred", "prediction") and pred.resolve().parent.name:
@@ -109,19 +93,17 @@ def _canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, tuple
     return nib.orientations.apply_orientation(array, ornt), tuple(float(s) for s in new_spacing)
 
 
-def _mask_for(case: EvalCase, ref_volume: Any) -> tuple[np.ndarray, str]:
+def _mask_for(case: EvalCase, ct: Any) -> tuple[np.ndarray, str]:
     """The boolean mask of a case and a description of where it came from."""
-    from medcycle.io import check_same_grid, load_volume
-    from medcycle.transforms import CT_BODY_THRESHOLD_HU, compute_body_mask
+    from medcycle.image import check_same_grid, voxels
+    from medcycle.io import load_volume
+    from medcycle.transforms.body_mask import CT_BODY_THRESHOLD_HU, binary_mask, compute_body_mask
 
     if case.mask is not None:
-        mask_volume = load_volume(case.mask, allow_constant=True)
-        check_same_grid(ref_volume, mask_volume)
-        mask = mask_volume.array > 0
-        if not mask.any():
-            raise InputError(f"{case.mask}: the mask is empty (no voxel > 0); nothing to score")
-        return mask, str(case.mask)
-    mask = compute_body_mask(ref_volume.array, threshold=CT_BODY_THRESHOLD_HU)
+        given = load_volume(case.mask, allow_constant=True)
+        check_same_grid(ct, given)
+        return binary_mask(given), str(case.mask)
+    mask = compute_body_mask(voxels(ct), threshold=CT_BODY_THRESHOLD_HU)
     if not mask.any():
         raise InputError(f"{case.ref}: no body above {CT_BODY_THRESHOLD_HU:g} HU to compute a mask from; give --mask")
     return mask, f"computed from the CT (> {CT_BODY_THRESHOLD_HU:g} HU)"
@@ -129,32 +111,33 @@ def _mask_for(case: EvalCase, ref_volume: Any) -> tuple[np.ndarray, str]:
 
 def evaluate_case(case: EvalCase, window: tuple[float, float], out: Optional[Path]) -> tuple[dict[str, float], str]:
     """(metrics, mask description) of one case; writes ``OUT/<case>.png`` when `out` is given."""
-    from medcycle.io import check_same_grid, load_volume
+    from medcycle.image import affine_of, check_same_grid, voxels
+    from medcycle.io import load_volume
     from medcycle.metrics import image_metrics
 
     assert case.pred is not None
-    ref_volume = load_volume(case.ref)
-    pred_volume = load_volume(case.pred, allow_constant=True)  # a flat prediction is bad, not unusable
-    check_same_grid(ref_volume, pred_volume)
-    mask, mask_source = _mask_for(case, ref_volume)
+    ct = load_volume(case.ref)
+    sct = load_volume(case.pred, allow_constant=True)  # a flat prediction is bad, not unusable
+    check_same_grid(ct, sct)
+    mask, mask_source = _mask_for(case, ct)
     try:
-        metrics = image_metrics(pred_volume.array, ref_volume.array, mask, window=window)
+        metrics = image_metrics(voxels(sct), voxels(ct), mask, window=window)
     except ValueError as exc:
         raise InputError(f"{case.ref}: cannot be scored: {exc}") from None
     if out is not None:
         from medcycle.visualize import evaluation_figure
 
+        affine = affine_of(ct)
         mr = None
         if case.mr is not None:
-            mr_volume = load_volume(case.mr)
-            check_same_grid(ref_volume, mr_volume)
-            mr = _canonical(mr_volume.array, mr_volume.affine)[0]
-        sct, spacing = _canonical(pred_volume.array, ref_volume.affine)
-        ct = _canonical(ref_volume.array, ref_volume.affine)[0]
+            mr_image = load_volume(case.mr)
+            check_same_grid(ct, mr_image)
+            mr = _canonical(voxels(mr_image), affine)[0]
+        sct_view, spacing = _canonical(voxels(sct), affine)
         title = (f"{case.name}: MAE {metrics['mae']:.1f} HU, PSNR {metrics['psnr']:.2f} dB, "
                  f"SSIM {metrics['ssim']:.3f} (inside the body mask)")
-        evaluation_figure(out / f"{case.name}.png", sct, ct, spacing, mr=mr,
-                          mask=_canonical(mask, ref_volume.affine)[0], title=title)
+        evaluation_figure(out / f"{case.name}.png", sct_view, _canonical(voxels(ct), affine)[0], spacing, mr=mr,
+                          mask=_canonical(mask, affine)[0], title=title)
     return metrics, mask_source
 
 
@@ -205,8 +188,6 @@ class _Table:
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    from medcycle.io import atomic_write
-
     with atomic_write(path) as tmp:
         with open(tmp, "w", newline="") as handle:
             writer = csv.writer(handle)
@@ -216,8 +197,6 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    from medcycle.io import atomic_write
-
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
@@ -251,7 +230,7 @@ def run(pred: str | Path, ref: str | Path, mask: Optional[str | Path] = None, ou
         raise UsageError(f"{out_path}: --out must be a folder, and this is a file")
 
     # a folder holding <case>/ct.* is a folder of cases; another folder must be one CT's DICOM series
-    folder_mode = ref.is_dir() and (bool(_reference_cases(ref)) or not is_dicom_series(ref))
+    folder_mode = ref.is_dir() and (bool(ct_cases(ref)) or not is_dicom_series(ref))
     if folder_mode:
         if not pred.is_dir():
             raise UsageError(f"{pred}: REF {ref} is a folder of cases, so PRED must be the folder 'medcycle convert' wrote")

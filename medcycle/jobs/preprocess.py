@@ -10,8 +10,9 @@ Inputs, either or both:
   sub-folders). Every entry is its own unpaired case, MR-only (id ``mr_<name>``) or CT-only
   (id ``ct_<name>``), ``<name>`` being the file name without its volume suffix.
 
-Per case (:func:`process_case`): the source checksums (sha256) are compared with the case's
-``record.json``; an unchanged case under the same data config is skipped. Otherwise the shared MONAI
+Cases are found by :mod:`medcycle.cases`. Per case (:func:`process_case`): the source checksums
+(sha256) are compared with the case's ``record.json``; an unchanged case under the same data config
+is skipped. Otherwise the shared MONAI
 chain (:func:`medcycle.transforms.volume_transforms`) orients, resamples, masks and normalises the
 volumes, :func:`medcycle.transforms.extract_tiles` cuts the tiles (MR and CT on the same slices and
 crop), and :func:`medcycle.data.cache.write_case` writes the arrays and then the record, atomically.
@@ -29,109 +30,18 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from medcycle.config import Config, DataConfig, config_hash, load_config
+from medcycle.cases import ROLES, Case, modality_cases, synthrad_cases
+from medcycle.config import DataConfig, config_hash, resolve_config
 from medcycle.data import cache
 from medcycle.errors import InputError, MedcycleError, UsageError
+from medcycle.files import volume_suffix
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")  # longest first
-ROLES = ("mr", "ct", "mask")
 MAX_LISTED_FAILURES = 5
-
-
-@dataclass
-class CaseSpec:
-    """One case to preprocess: its id, its source per role (mr / ct / mask) and where it came from."""
-
-    case_id: str
-    origin: Path  # the case folder (SynthRAD) or the volume (unpaired); named in messages
-    sources: dict[str, Path] = field(default_factory=dict)
-    problem: Optional[str] = None  # a reason the case cannot be processed, found while discovering it
-
-    @property
-    def paired(self) -> bool:
-        return "mr" in self.sources and "ct" in self.sources
-
-
-# --------------------------------------------------------------------------------------------------
-# discovering cases
-
-
-def _suffix(name: str) -> Optional[str]:
-    lower = name.lower()
-    return next((s for s in VOLUME_SUFFIXES if lower.endswith(s)), None)
-
-
-def _stem(path: Path) -> str:
-    suffix = _suffix(path.name) if path.is_file() else None
-    return path.name[: -len(suffix)] if suffix else path.name
-
-
-def _visible(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-
-
-def _find_roles(folder: Path) -> tuple[dict[str, Path], Optional[str]]:
-    """{role: path} of the mr/ct/mask volumes in a SynthRAD case folder, and a problem if ambiguous."""
-    found: dict[str, list[Path]] = {role: [] for role in ROLES}
-    for entry in _visible(folder):
-        if entry.is_dir():
-            role = entry.name.lower()
-        else:
-            suffix = _suffix(entry.name)
-            role = entry.name[: -len(suffix)].lower() if suffix else None
-        if role in found:
-            found[role].append(entry)
-    sources, problem = {}, None
-    for role, paths in found.items():
-        if len(paths) > 1 and problem is None:
-            problem = f"{folder}: holds several {role} volumes ({', '.join(p.name for p in paths)}); keep one"
-        if paths:
-            sources[role] = paths[0]
-    return sources, problem
-
-
-def discover_synthrad(data: Path, skip: Iterable[Path] = ()) -> tuple[list[CaseSpec], list[str]]:
-    """Cases of the SynthRAD layout under `data`, and the names of folders ignored (no mr/ct)."""
-    if not data.exists():
-        raise InputError(f"{data}: no such data folder")
-    if not data.is_dir():
-        raise InputError(f"{data}: not a folder (expected DATA/<case>/mr.nii.gz ...)")
-    skip = {p.resolve() for p in skip}
-    sources, problem = _find_roles(data)
-    if "mr" in sources or "ct" in sources:  # DATA is itself one case
-        return [CaseSpec(data.name, data, sources, problem)], []
-    cases, ignored = [], []
-    for folder in _visible(data):
-        if not folder.is_dir() or folder.resolve() in skip:
-            continue
-        sources, problem = _find_roles(folder)
-        if "mr" not in sources and "ct" not in sources:
-            ignored.append(folder.name)
-            continue
-        cases.append(CaseSpec(folder.name, folder, sources, problem))
-    return cases, ignored
-
-
-def discover_flat(folder: Path, role: str) -> list[CaseSpec]:
-    """Unpaired cases: every volume (or DICOM-series sub-folder) of `folder`, id ``<role>_<name>``."""
-    if not folder.exists():
-        raise InputError(f"{folder}: no such {role.upper()} folder")
-    if not folder.is_dir():
-        raise InputError(f"{folder}: not a folder (expected a folder of {role.upper()} volumes)")
-    cases = []
-    for entry in _visible(folder):
-        if entry.is_dir() or _suffix(entry.name):
-            cases.append(CaseSpec(f"{role}_{_stem(entry)}", entry, {role: entry}))
-    if not cases:
-        raise InputError(f"{folder}: no {role.upper()} volumes found (expected .nii.gz, .nii, .mha, .nrrd files "
-                         "or DICOM-series folders)")
-    return cases
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,27 +57,27 @@ def _geometry(affine: Any, shape: Sequence[int]) -> dict[str, Any]:
     }
 
 
-def process_case(spec: CaseSpec, cache_dir: Path, data_cfg: DataConfig, data_hash: str) -> dict[str, Any]:
+def process_case(case: Case, cache_dir: Path, data_cfg: DataConfig, data_hash: str) -> dict[str, Any]:
     """Preprocess one case into the cache (or skip it when its record is current); returns a summary."""
-    from medcycle.transforms import ORIGINAL_AFFINE_KEY, ORIGINAL_SHAPE_KEY, extract_tiles, plan_tiles, volume_transforms
+    from medcycle.files import file_checksum
+    from medcycle.image import affine_of, shape_of, source_grid
+    from medcycle.transforms import extract_tiles, plan_tiles, volume_transforms
 
-    from medcycle.io import file_checksum
-
-    if spec.problem:
-        raise InputError(spec.problem)
+    if case.problem:
+        raise InputError(case.problem)
     started = time.perf_counter()
-    checksums = {role: file_checksum(path) for role, path in spec.sources.items()}
-    previous = cache.read_record(cache_dir, spec.case_id)
-    if cache.record_is_current(previous, cache_dir, spec.case_id, checksums, data_hash):
-        return {"case": spec.case_id, "status": "skipped", "record": previous}
+    checksums = {role: file_checksum(path) for role, path in case.volumes.items()}
+    previous = cache.read_record(cache_dir, case.name)
+    if cache.record_is_current(previous, cache_dir, case.name, checksums, data_hash):
+        return {"case": case.name, "status": "skipped", "record": previous}
 
-    keys = [role for role in ROLES if role in spec.sources]
-    volumes = volume_transforms(data_cfg, keys)({role: str(spec.sources[role]) for role in keys})
+    keys = [role for role in ROLES if role in case.volumes]
+    volumes = volume_transforms(data_cfg, keys)({role: str(case.volumes[role]) for role in keys})
     images = {role: volumes[role] for role in ("mr", "ct") if role in volumes}
     plan = plan_tiles(volumes["mask"], data_cfg)
     tiles, mask_tiles, slices = extract_tiles(images, volumes["mask"], data_cfg, plan=plan)
     if len(slices) == 0:
-        raise InputError(f"{spec.origin}: no axial slice has a body fraction >= {data_cfg.min_body_fraction} in its "
+        raise InputError(f"{case.origin}: no axial slice has a body fraction >= {data_cfg.min_body_fraction} in its "
                          f"{data_cfg.tile_size}x{data_cfg.tile_size} tile (empty body mask?)")
     reference = images["mr"] if "mr" in images else images["ct"]
     normalisation: dict[str, Any] = {"ct_window": [float(v) for v in data_cfg.ct_window]}
@@ -176,13 +86,13 @@ def process_case(spec: CaseSpec, cache_dir: Path, data_cfg: DataConfig, data_has
                              mr_percentiles=[float(p) for p in data_cfg.mr_percentiles])
     record = {
         "data_config_hash": data_hash,
-        "paired": spec.paired,
+        "paired": case.paired,
         "modalities": [m for m in ("mr", "ct") if m in images],
-        "sources": {role: {"path": str(Path(spec.sources[role]).resolve()), "sha256": checksums[role]} for role in keys},
+        "sources": {role: {"path": str(Path(case.volumes[role]).resolve()), "sha256": checksums[role]} for role in keys},
         "mask": volumes["mask"].meta.get("mask_source", "given" if "mask" in keys else "computed"),
         "geometry": {
-            "original": _geometry(reference.meta[ORIGINAL_AFFINE_KEY], reference.meta[ORIGINAL_SHAPE_KEY]),
-            "resampled": _geometry(reference.affine, reference.shape[1:]),
+            "original": _geometry(*source_grid(reference)),
+            "resampled": _geometry(affine_of(reference), shape_of(reference)),
             "orientation": data_cfg.orientation,
         },
         "normalisation": normalisation,
@@ -192,23 +102,23 @@ def process_case(spec: CaseSpec, cache_dir: Path, data_cfg: DataConfig, data_has
         "n_tiles": int(len(slices)),
     }
     del volumes, images, reference
-    cache.write_case(cache_dir, spec.case_id, {**tiles, "mask": mask_tiles}, record)
-    written = cache.read_record(cache_dir, spec.case_id)
-    return {"case": spec.case_id, "status": "done", "record": written, "seconds": round(time.perf_counter() - started, 3)}
+    cache.write_case(cache_dir, case.name, {**tiles, "mask": mask_tiles}, record)
+    written = cache.read_record(cache_dir, case.name)
+    return {"case": case.name, "status": "done", "record": written, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _failure_message(spec: CaseSpec, exc: BaseException) -> str:
+def _failure_message(case: Case, exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if isinstance(exc, MedcycleError):  # these name their file already
         return text
-    return f"{spec.origin}: {type(exc).__name__}: {text}" if text else f"{spec.origin}: {type(exc).__name__}"
+    return f"{case.origin}: {type(exc).__name__}: {text}" if text else f"{case.origin}: {type(exc).__name__}"
 
 
-def _safe_process(spec: CaseSpec, cache_dir: Path, data_cfg: DataConfig, data_hash: str) -> dict[str, Any]:
+def _safe_process(case: Case, cache_dir: Path, data_cfg: DataConfig, data_hash: str) -> dict[str, Any]:
     try:
-        return process_case(spec, cache_dir, data_cfg, data_hash)
+        return process_case(case, cache_dir, data_cfg, data_hash)
     except Exception as exc:  # noqa: BLE001 - one broken case must not stop the others
-        return {"case": spec.case_id, "status": "failed", "error": _failure_message(spec, exc)}
+        return {"case": case.name, "status": "failed", "error": _failure_message(case, exc)}
 
 
 def _init_worker() -> None:
@@ -225,19 +135,6 @@ def _pool_context() -> Any:
 
 # --------------------------------------------------------------------------------------------------
 # the job
-
-
-def _resolve_config(config: Any, overrides: Sequence[str]) -> Config:
-    if isinstance(config, Config):
-        if not overrides:
-            return config.validate()
-        from medcycle.config import _apply_override
-
-        tree = config.to_dict()
-        for assignment in overrides:
-            _apply_override(tree, assignment)
-        return Config.from_dict(tree).validate()
-    return load_config(config, overrides)
 
 
 def _check_output(out: Path, inputs: Sequence[Path]) -> None:
@@ -276,7 +173,7 @@ def run(
     """
     from tqdm import tqdm
 
-    cfg = _resolve_config(config, overrides)
+    cfg = resolve_config(config, overrides)
     if data is None and mr_dir is None:
         raise UsageError("preprocess needs --data DIR (SynthRAD layout) or --mr-dir DIR (with --ct-dir DIR)")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -285,26 +182,26 @@ def run(
     inputs = [Path(p) for p in (data, mr_dir, ct_dir) if p is not None]
     _check_output(out, inputs)
 
-    specs: list[CaseSpec] = []
+    cases: list[Case] = []
     ignored: list[str] = []
     if data is not None:
-        found, ignored = discover_synthrad(Path(data), skip=[out])
-        specs += found
+        found, ignored = synthrad_cases(Path(data), skip=[out])
+        cases += found
     for folder, role in ((mr_dir, "mr"), (ct_dir, "ct")):
         if folder is not None:
-            specs += discover_flat(Path(folder), role)
-    if not specs:
+            cases += modality_cases(Path(folder), role)
+    if not cases:
         where = Path(data) if data is not None else Path(mr_dir)
         hint = "; for a flat folder of volumes use --mr-dir/--ct-dir" if data is not None and any(
-            p.is_file() and _suffix(p.name) for p in Path(data).iterdir()) else ""
+            p.is_file() and volume_suffix(p) for p in Path(data).iterdir()) else ""
         raise InputError(f"{where}: no cases found (expected {where}/<case>/mr.nii.gz, optional ct.*, mask.*){hint}")
-    seen: dict[str, CaseSpec] = {}
-    for spec in specs:
-        if spec.case_id in seen:
-            raise InputError(f"{spec.origin}: case id '{spec.case_id}' is also used by {seen[spec.case_id].origin}; "
+    seen: dict[str, Case] = {}
+    for case in cases:
+        if case.name in seen:
+            raise InputError(f"{case.origin}: case id '{case.name}' is also used by {seen[case.name].origin}; "
                              "rename one of them")
-        seen[spec.case_id] = spec
-    specs.sort(key=lambda s: s.case_id)
+        seen[case.name] = case
+    cases.sort(key=lambda c: c.name)
 
     data_cfg = cfg.data
     data_hash = config_hash(data_cfg)
@@ -316,7 +213,7 @@ def run(
     import medcycle.transforms  # noqa: F401 - torch and MONAI, imported once here so forked workers share them
 
     results: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(specs), desc="preprocess", unit="case", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=len(cases), desc="preprocess", unit="case", file=sys.stderr, dynamic_ncols=True)
 
     def collect(result: dict[str, Any]) -> None:
         results[result["case"]] = result
@@ -326,21 +223,21 @@ def run(
         bar.update(1)
 
     try:
-        n_workers = min(workers, len(specs))
+        n_workers = min(workers, len(cases))
         if n_workers <= 1:
-            for spec in specs:
-                collect(_safe_process(spec, out, data_cfg, data_hash))
+            for case in cases:
+                collect(_safe_process(case, out, data_cfg, data_hash))
         else:
             pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=_pool_context(), initializer=_init_worker)
             try:
-                futures = {pool.submit(_safe_process, spec, out, data_cfg, data_hash): spec for spec in specs}
+                futures = {pool.submit(_safe_process, case, out, data_cfg, data_hash): case for case in cases}
                 for future in as_completed(futures):
-                    spec = futures[future]
+                    case = futures[future]
                     try:
                         collect(future.result())
                     except BrokenProcessPool as exc:  # a worker died (e.g. killed for memory)
-                        collect({"case": spec.case_id, "status": "failed",
-                                 "error": f"{spec.origin}: the worker process died ({exc or 'out of memory?'})"})
+                        collect({"case": case.name, "status": "failed",
+                                 "error": f"{case.origin}: the worker process died ({exc or 'out of memory?'})"})
             except BaseException:  # Ctrl-C: do not wait for the queued cases; finished ones are kept
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
@@ -373,7 +270,7 @@ def run(
     summary = {
         "cache": str(out),
         "manifest": str(manifest_path) if entries else None,
-        "cases": len(specs),
+        "cases": len(cases),
         "done": sum(r["status"] == "done" for r in results.values()),
         "skipped": sum(r["status"] == "skipped" for r in results.values()),
         "failed": len(failures),
@@ -392,8 +289,8 @@ def run(
         failed_ids = sorted(cid for cid, r in results.items() if r["status"] == "failed")
         listed = "; ".join(failures[:MAX_LISTED_FAILURES])
         more = f"; and {len(failures) - MAX_LISTED_FAILURES} more" if len(failures) > MAX_LISTED_FAILURES else ""
-        raise MedcycleError(f"{len(failures)} of {len(specs)} cases failed ({', '.join(failed_ids)}): {listed}{more}")
+        raise MedcycleError(f"{len(failures)} of {len(cases)} cases failed ({', '.join(failed_ids)}): {listed}{more}")
     return summary
 
 
-__all__ = ["CaseSpec", "discover_flat", "discover_synthrad", "process_case", "run"]
+__all__ = ["process_case", "run"]
