@@ -419,14 +419,15 @@ def fetch(out: Path, template: Optional[Path]) -> dict:
     downloads = out / ".downloads"
     record_path = out / "sources.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    needs_template = any(scan.package is None and not (out / scan.out).exists() for scan in SCANS)
+    if needs_template and (template is None or not template.is_file()):  # before any download
+        raise FetchError(f"{template or TEMPLATE_NAME}: CT head template not found; pass --template PATH")
     for scan in SCANS:
         target = out / scan.out
         if target.exists() and scan.out in record:
             print(f"kept     {scan.out}")
             continue
         if scan.package is None:
-            if template is None or not template.is_file():
-                raise FetchError(f"{template or TEMPLATE_NAME}: CT head template not found; pass --template PATH")
             data, origin = template.read_bytes(), {"file": template.name}
         else:
             package_file = download(scan.package, downloads)
