@@ -186,3 +186,13 @@ def test_a_failing_transform_is_reported_as_its_root_cause_in_one_line(tmp_path,
     assert err == [f"medcycle preprocess: {data / c}: ValueError: threshold out of range" for c in ("c01", "c02")]
     assert "applying transform" not in str(info.value) and "object at 0x" not in str(info.value)
     assert not any((tmp_path / "cache" / "cases").iterdir())  # no empty case folder left
+
+
+def test_a_usage_error_is_one_line(capsys):
+    from medcycle.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["convert", "-i", "mr.nii.gz", "-o", "sct.nii.gz", "-m", "run", "--tta", "sideways"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tta" in err[0] and "sideways" in err[0]
