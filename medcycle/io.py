@@ -140,13 +140,17 @@ def load_volume(path: str | Path, allow_constant: bool = False) -> MetaTensor:
         raise InputError(f"{path}: cannot be read as a volume (truncated or corrupt?): {reason[:160]}") from None
     array = np.asarray(image.numpy())
     header = None
+    affine = np.asarray(image.affine, dtype=np.float64)
     if isinstance(reader, NibabelReader):
         with nib.imageglobals.LoggingOutputSuppressor():
-            header = nib.load(str(path)).header
+            nifti = nib.load(str(path))
+        # nibabel's affine (the sform, else the qform, else the voxel sizes), as every NIfTI viewer
+        # shows it: MONAI "rectifies" an sform that disagrees with pixdim by putting the qform in its
+        # place, even a qform whose code says unused, which would hide a broken sform
+        header, affine = nifti.header, np.asarray(nifti.affine, dtype=np.float64)
         array = _squeeze_to_3d(array)
     values = as_float32(array, path)
     validate_array(values, path, allow_constant=allow_constant)
-    affine = np.asarray(image.affine, dtype=np.float64)
     check_affine(affine, path)
     return make_image(values, affine, str(path), header)
 

@@ -53,31 +53,42 @@ def test_values_that_overflow_float32_are_refused(tmp_path):
     one_line_refusal(lambda: load_volume(slope), str(slope), "scl_slope")
 
 
+GRID = np.diag([1.5, 1.5, 3.0, 1.0])
+
+
 def _nifti_with_sform(path: Path, sform: np.ndarray, qform_code: int) -> Path:
-    image = nib.Nifti1Image(phantom_mr((12, 10, 6)), np.eye(4))
+    """A NIfTI whose qform (with pixdim) is GRID and whose sform (code 1) is `sform`, as it lies on disk."""
+    image = nib.Nifti1Image(phantom_mr((12, 10, 6)), GRID)
     header = image.header
-    header.set_qform(np.eye(4), code=qform_code)
-    header.set_sform(np.eye(4), code=1)
-    header["srow_x"], header["srow_y"], header["srow_z"] = sform[0], sform[1], sform[2]  # unchecked, as on disk
+    header.set_qform(GRID, code=qform_code)
+    header.set_sform(GRID, code=1)
+    header["srow_x"], header["srow_y"], header["srow_z"] = sform[0], sform[1], sform[2]  # unchecked
     nib.save(nib.Nifti1Image(image.dataobj, None, header=header), str(path))
     return path
 
 
 @pytest.mark.parametrize("qform_code", [0, 1])
-def test_singular_sform_is_refused(tmp_path, qform_code):
-    singular = np.eye(4)
+def test_singular_sform_is_refused_not_replaced_by_the_qform(tmp_path, qform_code):
+    singular = GRID.copy()
     singular[2, 2] = 0.0  # the slices all in one plane
     path = _nifti_with_sform(tmp_path / "singular.nii.gz", singular, qform_code)
     one_line_refusal(lambda: load_volume(path), str(path), "singular")
 
-    parallel = np.eye(4)
+    parallel = GRID.copy()
     parallel[:3, 2] = parallel[:3, 1]  # two voxel axes along one direction
     path = _nifti_with_sform(tmp_path / "parallel.nii.gz", parallel, qform_code)
     one_line_refusal(lambda: load_volume(path), str(path), "singular")
 
 
+def test_an_sform_that_disagrees_with_pixdim_is_the_geometry_used(tmp_path):
+    sform = np.diag([0.9, 0.9, 2.5, 1.0])  # what FSL, ITK-SNAP and nibabel show: not the qform
+    sform[:3, 3] = (10.0, -4.0, 7.0)
+    path = _nifti_with_sform(tmp_path / "sform.nii.gz", sform, qform_code=1)
+    np.testing.assert_allclose(np.asarray(load_volume(path).affine), sform)
+
+
 def test_nan_in_the_affine_is_refused(tmp_path):
-    affine = np.eye(4)
+    affine = GRID.copy()
     affine[0, 3] = np.nan
     path = _nifti_with_sform(tmp_path / "nan.nii.gz", affine, qform_code=0)
     one_line_refusal(lambda: load_volume(path), str(path), "NaN")
