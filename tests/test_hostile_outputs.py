@@ -246,6 +246,8 @@ def test_preprocess_is_refused_while_another_writes_the_cache(tmp_path, data):
         with pytest.raises(InputError, match=f"{out}: another medcycle process is writing it"):
             preprocess.run(out=out, data=data, overrides=OVERRIDES)
         assert not (out / "cases").exists()
+    out.mkdir()
+    (out / cache.LOCK).write_text("4242\n")  # left by a kill -9: a file nobody holds a lock on
     preprocess.run(out=out, data=data, overrides=OVERRIDES)
     assert not (out / cache.LOCK).exists()
 
