@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
-from medcycle.errors import InputError
+from medcycle.errors import InputError, MedcycleError
 from medcycle.files import VOLUME_SUFFIXES, inside, stem, volume_suffix
 
 ROLES = ("mr", "ct", "mask")
@@ -39,6 +39,27 @@ class Case:
 
     def get(self, role: str) -> Optional[Path]:
         return self.volumes.get(role)
+
+    def failure(self, exc: BaseException) -> str:
+        """One line saying why this case failed, for a job that goes on with the other cases.
+
+        A :class:`~medcycle.errors.MedcycleError` names its file already and is kept as it is; any
+        other error is ``<origin>: <type>: <first line>`` of its root cause, MONAI's ``applying
+        transform <...>`` wrapper removed.
+        """
+        cause = root_cause(exc)
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        if isinstance(cause, MedcycleError):
+            return text
+        return f"{self.origin}: {type(cause).__name__}: {text}" if text else f"{self.origin}: {type(cause).__name__}"
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error inside MONAI's ``RuntimeError("applying transform ...")`` wrappers (one per level)."""
+    while (isinstance(exc, RuntimeError) and str(exc).startswith("applying transform")
+           and exc.__cause__ is not None):
+        exc = exc.__cause__
+    return exc
 
 
 def _visible(folder: Path) -> list[Path]:
@@ -118,7 +139,8 @@ def modality_cases(folder: Path, role: str) -> list[Case]:
 def mr_cases(folder: Path, skip: Iterable[Path] = ()) -> tuple[list[Case], list[str]]:
     """The MRs to convert in a folder (SynthRAD cases, flat volumes, DICOM series), and the folders ignored.
 
-    Folders in `skip` (or holding one of them: the outputs may lie inside the input) are passed over.
+    Folders in `skip` (the outputs, which may lie inside the input) or holding one of them are passed
+    over; an output that is or lies in a case folder is refused (that case would be lost unsaid).
     """
     from medcycle.io import is_dicom_series
 
@@ -127,9 +149,13 @@ def mr_cases(folder: Path, skip: Iterable[Path] = ()) -> tuple[list[Case], list[
     ignored: list[str] = []
     for entry in _visible(folder):
         if entry.is_dir():
-            if any(inside(path, entry) for path in skip):
-                continue
             volumes, problem = find_roles(entry)
+            holding = [path for path in skip if inside(path, entry)]
+            if holding:
+                if "mr" in volumes or is_dicom_series(entry):
+                    raise InputError(f"{holding[0]}: is or lies in the input case folder {entry}; "
+                                     "write the outputs outside the input's cases")
+                continue
             if "mr" in volumes:
                 cases.append(Case(entry.name, entry, {r: volumes[r] for r in ("mr", "mask") if r in volumes}, problem))
             elif is_dicom_series(entry):
@@ -159,5 +185,5 @@ def ct_cases(folder: Path) -> list[Case]:
     return cases
 
 
-__all__ = ["Case", "ROLES", "ct_cases", "find_named_volume", "find_roles", "modality_cases", "mr_cases",
+__all__ = ["Case", "ROLES", "ct_cases", "find_named_volume", "find_roles", "modality_cases", "mr_cases", "root_cause",
            "synthrad_cases"]

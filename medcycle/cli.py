@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Callable, NoReturn, Optional, Sequence
 
 from medcycle import __version__
 from medcycle.errors import MedcycleError
@@ -22,6 +22,13 @@ EXAMPLES = {
     "demo": "medcycle demo                  # phantom -> preprocess -> train 15 min -> convert -> evaluate\n"
     "  medcycle demo --minutes 3 --out demo_quick",
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a usage error in one line, like every other medcycle error (exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _add(sub: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
@@ -44,7 +51,7 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="medcycle",
         description="MRI to synthetic CT in Hounsfield units with an unpaired CycleGAN built on MONAI.",
         epilog="examples:\n  " + "\n  ".join(e.splitlines()[0] for e in EXAMPLES.values())

@@ -9,6 +9,7 @@ for other inputs the affine is the one SimpleITK reads, LPS to RAS.
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +19,7 @@ import numpy as np
 import SimpleITK as sitk
 from monai.data import ImageReader, MetaTensor, NibabelReader
 from monai.transforms import LoadImage
+from nibabel.openers import ImageOpener
 
 from medcycle.errors import InputError
 from medcycle.files import NIFTI_SUFFIXES, SITK_SUFFIXES, atomic_write, refuse_overwriting
@@ -112,8 +114,10 @@ def load_volume(path: str | Path, allow_constant: bool = False) -> MetaTensor:
     """Read a 3D volume once, through MONAI ``LoadImage``, into the image type of :mod:`medcycle.image`.
 
     Refused, with one line naming the file: a missing path, an unreadable or truncated file, data
-    that is not 3D (2D, 4D, vector images), an empty volume, NaN/Inf values and (unless
-    `allow_constant`, e.g. for masks) an all-constant volume. A folder must hold one DICOM series.
+    that is not 3D (2D, 4D, vector images), an empty volume, NaN/Inf values (also values that
+    overflow float32, e.g. through a huge scl_slope), a broken geometry (a zero voxel size in the
+    NIfTI header, an affine that is singular or not finite) and (unless `allow_constant`, e.g. for
+    masks) an all-constant volume. A folder must hold one DICOM series.
     """
     path = Path(path)
     if not path.exists():
@@ -121,10 +125,14 @@ def load_volume(path: str | Path, allow_constant: bool = False) -> MetaTensor:
     reader = _reader_for(path)
     if path.is_dir():  # one DICOM series, refused otherwise (before MONAI's reader fallbacks)
         dicom_series_files(path)
+    if isinstance(reader, NibabelReader):
+        check_voxel_size(path)
     try:
         # a reader given at call time is the only one tried: MONAI's fallback readers would stack two
-        # DICOM series into one volume or hide the reason a folder was refused
-        image = LoadImage(image_only=True, dtype=None)(str(path), reader=reader)
+        # DICOM series into one volume or hide the reason a folder was refused; nibabel's notes on the
+        # header fields it repairs would be lines of their own (the one that matters is checked above)
+        with nib.imageglobals.LoggingOutputSuppressor():
+            image = LoadImage(image_only=True, dtype=None)(str(path), reader=reader)
     except InputError:
         raise
     except Exception as exc:  # nibabel/SimpleITK/zlib raise many types for corrupt files
@@ -132,11 +140,71 @@ def load_volume(path: str | Path, allow_constant: bool = False) -> MetaTensor:
         raise InputError(f"{path}: cannot be read as a volume (truncated or corrupt?): {reason[:160]}") from None
     array = np.asarray(image.numpy())
     header = None
+    affine = np.asarray(image.affine, dtype=np.float64)
     if isinstance(reader, NibabelReader):
-        header = nib.load(str(path)).header
+        with nib.imageglobals.LoggingOutputSuppressor():
+            nifti = nib.load(str(path))
+        # nibabel's affine (the sform, else the qform, else the voxel sizes), as every NIfTI viewer
+        # shows it: MONAI "rectifies" an sform that disagrees with pixdim by putting the qform in its
+        # place, even a qform whose code says unused, which would hide a broken sform
+        header, affine = nifti.header, np.asarray(nifti.affine, dtype=np.float64)
         array = _squeeze_to_3d(array)
-    validate_array(array, path, allow_constant=allow_constant)
-    return make_image(array, np.asarray(image.affine, dtype=np.float64), str(path), header)
+    values = as_float32(array, path)
+    validate_array(values, path, allow_constant=allow_constant)
+    check_affine(affine, path)
+    return make_image(values, affine, str(path), header)
+
+
+def check_voxel_size(path: Path) -> None:
+    """Refuse a NIfTI whose header gives a spatial voxel size (pixdim) of 0 or not finite.
+
+    nibabel would silently take such a voxel as 1 mm, so the raw header is read, unrepaired.
+    """
+    try:
+        with ImageOpener(str(path)) as handle:
+            raw = handle.read(540)
+        header = None
+        for header_class in (nib.Nifti1Header, nib.Nifti2Header):
+            candidate = header_class.from_fileobj(io.BytesIO(raw), check=False)
+            if int(candidate["sizeof_hdr"]) == header_class.sizeof_hdr:
+                header = candidate
+                break
+    except Exception:  # noqa: BLE001 - unreadable: the reader of load_volume says why, in one line
+        return
+    if header is None:
+        return
+    spatial = max(1, min(3, int(header["dim"][0])))
+    voxel = np.asarray(header["pixdim"][1:1 + spatial], dtype=np.float64)
+    if not np.all(np.isfinite(voxel)) or np.any(voxel == 0):
+        raise InputError(f"{path}: the NIfTI header gives a voxel size (pixdim) of {voxel.tolist()} mm; "
+                         "a zero or non-finite voxel size has no geometry")
+
+
+def check_affine(affine: np.ndarray, path: Path) -> None:
+    """Refuse an affine that is not finite or singular (a zero voxel size, or two axes parallel)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise InputError(f"{path}: the affine (voxel-to-world matrix) holds NaN or infinite values")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    # a voxel's volume against the box of its edge lengths: 0 when two axes are parallel
+    if np.any(spacing < 1e-6) or abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(spacing)):
+        raise InputError(f"{path}: the affine is singular (voxel size {np.round(spacing, 6).tolist()} mm, "
+                         "or two voxel axes parallel); the file's geometry is broken")
+
+
+def as_float32(array: np.ndarray, path: Path) -> np.ndarray:
+    """`array` as float32; refuses a type that is not a real number and values float32 cannot hold."""
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise InputError(f"{path}: unsupported voxel type {array.dtype}")
+    with np.errstate(over="ignore", invalid="ignore"):  # checked just below, in one line
+        values = np.asarray(array, dtype=np.float32)
+    if not np.isfinite(values).all():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise InputError(f"{path}: the volume contains NaN or infinite values")
+        largest = float(np.max(np.abs(array.astype(np.float64))))
+        raise InputError(f"{path}: values up to {largest:.3g} do not fit in float32 (a wrong scl_slope or "
+                         "rescale factor?)")
+    return values
 
 
 def _squeeze_to_3d(array: np.ndarray) -> np.ndarray:
@@ -207,6 +275,9 @@ def save_nifti(path: str | Path, array: np.ndarray, like: MetaTensor, dtype: Any
 
 __all__ = [
     "SimpleITKReader",
+    "as_float32",
+    "check_affine",
+    "check_voxel_size",
     "dicom_series_files",
     "is_dicom_series",
     "load_volume",

@@ -5,16 +5,20 @@
     CACHE/manifest.json            format, version, data_config (+ hash), cases {id: split, mr, ct, paired, n_tiles}
     CACHE/cases/<id>/mr.npy        (N, k, T, T) float16 in [-1, 1]   (ct.npy likewise when the case has a CT)
     CACHE/cases/<id>/mask.npy      (N, 1, T, T) uint8 body mask
-    CACHE/cases/<id>/record.json   sources (path, sha256), geometry, normalisation, slices kept
+    CACHE/cases/<id>/record.json   sources (path, sha256), arrays (bytes, sha256), geometry, normalisation,
+                                   slices kept
 
 Every file is written to a temporary name and renamed (:func:`medcycle.files.atomic_write`); a case's
 ``record.json`` is written last, so a case counts as done only when its record exists, names the
-current data-config hash and source checksums, and its arrays are there with the recorded shapes.
+current data-config hash and source checksums, and its arrays have the recorded size and sha256 (a
+re-run of ``preprocess`` thus redoes a damaged case). Training checks the size (cheap) and the
+case's data-config hash against the manifest's. A writer holds :func:`lock` for its whole run.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -28,6 +32,7 @@ VERSION = 1
 RECORD_FORMAT = "medcycle-cache-case"
 MANIFEST = "manifest.json"
 RECORD = "record.json"
+LOCK = ".medcycle.lock"
 CASES = "cases"
 MODALITIES = ("mr", "ct")
 
@@ -35,6 +40,13 @@ MODALITIES = ("mr", "ct")
 def case_dir(cache_dir: str | os.PathLike, case_id: str) -> Path:
     """The folder of one case in the cache."""
     return Path(cache_dir) / CASES / case_id
+
+
+def lock(cache_dir: str | os.PathLike) -> Any:
+    """The cache's writer lock (a context manager; a lock file inside the cache): one writer at a time."""
+    from medcycle.files import output_lock
+
+    return output_lock(cache_dir, lock_file=Path(cache_dir) / LOCK)
 
 
 def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
@@ -47,27 +59,22 @@ def write_json(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     return path
 
 
-def write_array(path: str | os.PathLike, array: np.ndarray) -> Path:
-    """Write `array` as .npy, atomically (a killed run never leaves a half-written array under `path`)."""
-    from medcycle.files import atomic_write
+def write_array(path: str | os.PathLike, array: np.ndarray) -> dict[str, Any]:
+    """Write `array` as .npy, atomically (a killed run never leaves a half-written array under `path`);
+    returns what the record keeps of the file written: ``{"bytes", "sha256"}``."""
+    from medcycle.files import atomic_write, file_checksum
 
     path = Path(path)
     with atomic_write(path) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
-    return path
+        written = {"bytes": os.path.getsize(tmp), "sha256": file_checksum(tmp)}
+    return written
 
 
-def npy_shape(path: str | os.PathLike) -> Optional[tuple[tuple[int, ...], np.dtype]]:
-    """(shape, dtype) from an .npy header without reading the data; None when missing or unreadable."""
-    try:
-        with open(path, "rb") as handle:
-            version = np.lib.format.read_magic(handle)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read_header(handle)
-        return tuple(shape), np.dtype(dtype)
-    except (OSError, ValueError):
-        return None
+def _array_names(record: Mapping[str, Any]) -> list[str]:
+    """The arrays a case holds: its modalities and the mask."""
+    return [*(m for m in MODALITIES if m in (record.get("sources") or {})), "mask"]
 
 
 def read_record(cache_dir: str | os.PathLike, case_id: str) -> Optional[dict[str, Any]]:
@@ -82,37 +89,49 @@ def read_record(cache_dir: str | os.PathLike, case_id: str) -> Optional[dict[str
 
 def record_is_current(record: Optional[Mapping[str, Any]], cache_dir: str | os.PathLike, case_id: str,
                       checksums: Mapping[str, str], data_config_hash: str) -> bool:
-    """True when `record` describes the same sources (sha256 per role) and data config, with its arrays present."""
+    """True when `record` describes the same sources (sha256 per role) and data config, and every array
+    is there with the recorded size and sha256 (a truncated or altered array makes the case redone)."""
+    from medcycle.files import file_checksum
+
     if not record or record.get("data_config_hash") != data_config_hash:
         return False
     sources = record.get("sources") or {}
     if set(sources) != set(checksums) or any(sources[k].get("sha256") != v for k, v in checksums.items()):
         return False
-    n = record.get("n_tiles")
     folder = case_dir(cache_dir, case_id)
-    for name in [*(m for m in MODALITIES if m in checksums), "mask"]:
-        found = npy_shape(folder / f"{name}.npy")
-        if found is None or found[0][:1] != (n,):
+    arrays = record.get("arrays") or {}
+    for name in _array_names(record):
+        path, expected = folder / f"{name}.npy", arrays.get(name) or {}
+        try:
+            if os.path.getsize(path) != expected.get("bytes") or file_checksum(path) != expected.get("sha256"):
+                return False
+        except OSError:
             return False
     return True
 
 
 def write_case(cache_dir: str | os.PathLike, case_id: str, arrays: Mapping[str, np.ndarray],
                record: Mapping[str, Any]) -> Path:
-    """Write one case: its record is removed first, then every array, then the new record (last)."""
+    """Write one case: its record is removed first, then every array, then the new record (last) with
+    each array's size and sha256. A new case folder is removed again when writing fails."""
     folder = case_dir(cache_dir, case_id)
+    new = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / RECORD).unlink(missing_ok=True)  # from here on the case is not done until the end
-    for leftover in folder.glob(".tmp-*"):  # temporary files of a run killed while writing
-        if leftover.is_file():
-            leftover.unlink(missing_ok=True)
-    for stale in ("mr", "ct", "mask"):
-        if stale not in arrays:
-            (folder / f"{stale}.npy").unlink(missing_ok=True)
-    for name, array in arrays.items():
-        write_array(folder / f"{name}.npy", array)
-    payload = {"format": RECORD_FORMAT, "version": VERSION, "case": case_id, **record}
-    return write_json(folder / RECORD, payload)
+    try:
+        (folder / RECORD).unlink(missing_ok=True)  # from here on the case is not done until the end
+        for leftover in folder.glob(".tmp-*"):  # temporary files of a run killed while writing
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+        for stale in ("mr", "ct", "mask"):
+            if stale not in arrays:
+                (folder / f"{stale}.npy").unlink(missing_ok=True)
+        written = {name: write_array(folder / f"{name}.npy", array) for name, array in arrays.items()}
+        payload = {"format": RECORD_FORMAT, "version": VERSION, "case": case_id, **record, "arrays": written}
+        return write_json(folder / RECORD, payload)
+    except BaseException:
+        if new:  # nothing of this case was there before: leave nothing
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def write_manifest(cache_dir: str | os.PathLike, data_config: Mapping[str, Any], data_config_hash: str,
@@ -196,18 +215,37 @@ class CaseTiles:
         return self.mr is not None and self.ct is not None
 
 
-def load_case_tiles(cache_dir: str | os.PathLike, case_id: str, mmap: bool = True) -> CaseTiles:
-    """One case's arrays (memory-mapped .npy by default) and record; refuses a missing or broken case."""
+def load_case_tiles(cache_dir: str | os.PathLike, case_id: str, mmap: bool = True,
+                    data_config_hash: Optional[str] = None) -> CaseTiles:
+    """One case's arrays (memory-mapped .npy by default) and record; refuses a missing or broken case.
+
+    Each array must have the size its record says (a cheap check that catches truncation); with
+    `data_config_hash` (the manifest's) the case must have been preprocessed under that data config.
+    Every refusal names the file and asks for a re-run of ``medcycle preprocess``, which repairs it.
+    """
     folder = case_dir(cache_dir, case_id)
     record = read_record(cache_dir, case_id)
     if record is None:
         raise InputError(f"{folder}: case '{case_id}' is not in the cache or was not finished (no record.json)")
+    if data_config_hash is not None and record.get("data_config_hash") != data_config_hash:
+        raise InputError(f"{folder / RECORD}: case '{case_id}' was preprocessed with another data config than the "
+                         "manifest's (two preprocess runs into one cache?); re-run 'medcycle preprocess'")
+    sizes = record.get("arrays") or {}
     arrays: dict[str, Optional[np.ndarray]] = {}
     for name in (*MODALITIES, "mask"):
         path = folder / f"{name}.npy"
-        if name != "mask" and name not in (record.get("sources") or {}):
+        if name not in _array_names(record):
             arrays[name] = None
             continue
+        expected = (sizes.get(name) or {}).get("bytes")
+        try:
+            found = os.path.getsize(path)
+        except OSError:
+            found = None
+        if found is None or found != expected:
+            state = ("missing" if found is None else "its size is not in the record (an older cache)" if expected is None
+                     else f"{found} bytes, the record says {expected} (truncated or changed)")
+            raise InputError(f"{path}: {state}; re-run 'medcycle preprocess' to repair the cache")
         try:
             arrays[name] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
         except (OSError, ValueError) as exc:
@@ -227,6 +265,7 @@ __all__ = [
     "case_dir",
     "load_case_tiles",
     "load_manifest",
+    "lock",
     "read_record",
     "record_is_current",
     "select_cases",

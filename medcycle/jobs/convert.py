@@ -30,22 +30,27 @@ Folder mode loads the generator once, shows a progress bar, skips cases whose ou
 ``overwrite``), goes on past a failed case, prints a summary and raises :class:`MedcycleError`
 (exit 1) when any case failed. In file mode an existing output is refused unless ``overwrite``.
 Outputs are written atomically, so a failure never leaves a partial file, and inputs are only read.
+Each output (the NIfTI, the DICOM folder, in folder mode also both output folders) is locked
+(:func:`medcycle.files.output_lock`) from the check that it may be written until it is: a second
+``convert`` writing it is refused in one line, and temporaries a killed run left are removed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 
 from medcycle.cases import Case, mr_cases
 from medcycle.errors import InputError, MedcycleError, UsageError
-from medcycle.files import NIFTI_SUFFIXES, check_output_location, inside, refuse_overwriting, stem, volume_suffix
+from medcycle.files import (NIFTI_SUFFIXES, check_output_location, inside, output_lock, refuse_overwriting, stem,
+                            volume_suffix)
 from medcycle.io import is_dicom_series
 
 AIR_HU = -1000  # the sCT outside the body mask
@@ -92,6 +97,7 @@ def _check_outputs(job: Conversion, input_root: Path) -> None:
     if job.output.exists() and job.output.is_dir():
         raise InputError(f"{job.output}: is a folder; give an output file name ending in .nii.gz")
     if job.dicom_out is not None:
+        _refuse_nested(job.output, job.dicom_out)
         if (same_or_inside(job.mr, job.dicom_out) or inside(input_root, job.dicom_out)
                 or (job.mr.is_dir() and inside(job.dicom_out, job.mr))):
             raise InputError(f"{job.dicom_out}: the DICOM output folder is, holds or lies in the input; choose another folder")
@@ -101,6 +107,23 @@ def _check_outputs(job: Conversion, input_root: Path) -> None:
 
 def same_or_inside(path: Path, folder: Path) -> bool:
     return inside(path, folder) or path.resolve() == folder.resolve()
+
+
+def _refuse_nested(output: Path, dicom_out: Path) -> None:
+    """The NIfTI output and the DICOM folder must be apart: neither is, holds or lies in the other."""
+    if inside(output, dicom_out) or inside(dicom_out, output):
+        raise UsageError(f"--dicom-out {dicom_out}: is, holds or lies in the output {output}; "
+                         "give the DICOM series a folder of its own")
+
+
+@contextlib.contextmanager
+def _locked(*outputs: Optional[Path]) -> Iterator[None]:
+    """Hold the lock of every output given (None ones skipped) for the ``with`` block."""
+    with contextlib.ExitStack() as stack:
+        for output in outputs:
+            if output is not None:
+                stack.enter_context(output_lock(output))
+        yield
 
 
 def _plan_file(input: Path, output: Path, mask: Optional[Path], dicom_out: Optional[Path]) -> Conversion:
@@ -117,6 +140,8 @@ def _plan_folder(input: Path, output: Path, dicom_out: Optional[Path]) -> tuple[
         raise UsageError(f"{output}: INPUT is a folder of cases, so OUTPUT must be a folder, not a file")
     if output.resolve() == input.resolve():
         raise UsageError(f"{output}: the output folder is the input folder; choose another folder")
+    if dicom_out is not None:
+        _refuse_nested(output, dicom_out)
     cases, ignored = mr_cases(input, skip=[p for p in (output, dicom_out) if p is not None])
     if not cases:
         raise InputError(
@@ -195,7 +220,11 @@ def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
         from medcycle.dicom import write_ct_series
 
         reference = job.mr if job.mr.is_dir() else None
-        write_ct_series(job.dicom_out, hu, input_affine, reference=reference, overwrite=settings.overwrite)
+        try:
+            write_ct_series(job.dicom_out, hu, input_affine, reference=reference, overwrite=settings.overwrite)
+        except BaseException:  # a NIfTI without its series would pass for a finished case
+            job.output.unlink(missing_ok=True)
+            raise
         record["dicom"] = str(job.dicom_out)
     record.update(status="converted", seconds=round(time.perf_counter() - started, 3), shape=list(input_shape),
                   mask="none" if settings.no_mask else ("given" if job.mask is not None else "computed"))
@@ -255,10 +284,6 @@ def run(
             raise InputError(f"{input}: not a volume (expected .nii, .nii.gz, .mha, .nrrd or a DICOM folder)")
         job = _plan_file(input, output, mask_path, dicom_path)
         _check_outputs(job, input)
-        if job.output.exists() and not overwrite:
-            raise InputError(f"{job.output}: already exists (use --overwrite to replace it)")
-        if job.dicom_out is not None and job.dicom_out.is_dir() and any(job.dicom_out.iterdir()) and not overwrite:
-            raise InputError(f"{job.dicom_out}: already exists and is not empty (use --overwrite to replace it)")
         check_output_location(job.output)
         if job.dicom_out is not None:
             check_output_location(job.dicom_out / "x")
@@ -266,9 +291,15 @@ def run(
 
     generator, config, _ = load_generator(model, torch_device)
     settings = Settings(generator, config, torch_device, batch_size, no_mask, overwrite, tta)
-    if not folder_mode:
-        return [convert_case(jobs[0], settings)]
-    return _run_folder(jobs, ignored, input, output, settings)
+    if folder_mode:
+        with _locked(output, dicom_path):
+            return _run_folder(jobs, ignored, input, output, settings)
+    with _locked(job.output, job.dicom_out):  # from the existence checks to the last file written
+        if job.output.exists() and not overwrite:
+            raise InputError(f"{job.output}: already exists (use --overwrite to replace it)")
+        if job.dicom_out is not None and job.dicom_out.is_dir() and any(job.dicom_out.iterdir()) and not overwrite:
+            raise InputError(f"{job.dicom_out}: already exists and is not empty (use --overwrite to replace it)")
+        return [convert_case(job, settings)]
 
 
 def _run_folder(jobs: list[Conversion], ignored: list[str], input: Path, output: Path,
@@ -283,19 +314,18 @@ def _run_folder(jobs: list[Conversion], ignored: list[str], input: Path, output:
     for job in bar:
         bar.set_postfix_str(job.case.name)
         base = {"case": job.case.name, "input": str(job.mr), "output": str(job.output)}
-        done = job.output.is_file() and (job.dicom_out is None or (job.dicom_out.is_dir() and any(job.dicom_out.iterdir())))
-        if done and not settings.overwrite:
-            records.append({**base, "status": "skipped"})
-            continue
         try:
             _check_outputs(job, input)
             check_output_location(job.output)
-            records.append(convert_case(job, each))
-        except MedcycleError as exc:
-            records.append({**base, "status": "failed", "error": str(exc)})
-            tqdm.write(f"medcycle convert: {job.case.name}: failed: {exc}", file=sys.stderr)
+            with _locked(job.output, job.dicom_out):
+                done = job.output.is_file() and (
+                    job.dicom_out is None or (job.dicom_out.is_dir() and any(job.dicom_out.iterdir())))
+                if done and not settings.overwrite:
+                    records.append({**base, "status": "skipped"})
+                    continue
+                records.append(convert_case(job, each))
         except Exception as exc:  # noqa: BLE001 - one broken case must not stop the others
-            message = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            message = job.case.failure(exc)
             records.append({**base, "status": "failed", "error": message})
             tqdm.write(f"medcycle convert: {job.case.name}: failed: {message}", file=sys.stderr)
     bar.close()

@@ -12,7 +12,8 @@ are what ``medcycle convert`` writes in folder mode, ``PRED/<case>/sct.*`` or fl
 others are still evaluated; the run then ends with an error (exit 1).
 
 The prediction, mask and MR must lie on the reference's voxel grid (shape and affine): otherwise
-a one-line error naming both files. Metrics (:mod:`medcycle.metrics`): MAE (HU, unclipped),
+a one-line error naming both files. A reference that is not a CT in Hounsfield units is refused
+(:func:`medcycle.transforms.loading.check_modality`). Metrics (:mod:`medcycle.metrics`): MAE (HU, unclipped),
 PSNR and SSIM (clipped to ``window``, data range ``hi - lo``) inside the mask, and MAE in bone
 (CT >= 250 HU), air (CT < -400 HU) and soft tissue. Output: a table on stdout (one row per case and
 the mean); with ``out``: ``OUT/metrics.csv`` (one row per case), ``OUT/summary.json`` (mean, std,
@@ -114,9 +115,11 @@ def evaluate_case(case: EvalCase, window: tuple[float, float], out: Optional[Pat
     from medcycle.image import affine_of, check_same_grid, voxels
     from medcycle.io import load_volume
     from medcycle.metrics import image_metrics
+    from medcycle.transforms.loading import check_modality
 
     assert case.pred is not None
     ct = load_volume(case.ref)
+    check_modality(ct, "ct")  # scores against a CT not in HU would mean nothing
     sct = load_volume(case.pred, allow_constant=True)  # a flat prediction is bad, not unusable
     check_same_grid(ct, sct)
     mask, mask_source = _mask_for(case, ct)

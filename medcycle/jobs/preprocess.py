@@ -19,8 +19,10 @@ crop), and :func:`medcycle.data.cache.write_case` writes the arrays and then the
 Finally ``manifest.json`` lists every finished case with its split: the last ``data.val_cases``
 paired cases (sorted ids) are ``val`` (at least one case is left for training), the rest ``train``.
 
-A failing case is reported as ``<path>: <reason>`` and the others go on; the job then raises
-:class:`~medcycle.errors.MedcycleError` (exit 1) listing the failed cases. Inputs are only read.
+A failing case is reported in one line, ``<path>: <reason>``, and the others go on; the job then
+raises :class:`~medcycle.errors.MedcycleError` (exit 1) listing the failed cases. Inputs are only read.
+The whole run holds the cache's lock (:func:`medcycle.data.cache.lock`): a second ``preprocess``
+into the same cache is refused in one line. Workers die with the job (a ``kill -9`` of it included).
 """
 from __future__ import annotations
 
@@ -107,21 +109,33 @@ def process_case(case: Case, cache_dir: Path, data_cfg: DataConfig, data_hash: s
     return {"case": case.name, "status": "done", "record": written, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _failure_message(case: Case, exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, MedcycleError):  # these name their file already
-        return text
-    return f"{case.origin}: {type(exc).__name__}: {text}" if text else f"{case.origin}: {type(exc).__name__}"
-
-
 def _safe_process(case: Case, cache_dir: Path, data_cfg: DataConfig, data_hash: str) -> dict[str, Any]:
     try:
         return process_case(case, cache_dir, data_cfg, data_hash)
     except Exception as exc:  # noqa: BLE001 - one broken case must not stop the others
-        return {"case": case.name, "status": "failed", "error": _failure_message(case, exc)}
+        return {"case": case.name, "status": "failed", "error": case.failure(exc)}
 
 
-def _init_worker() -> None:
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Have Linux kill this worker when the job that started it dies, even by SIGKILL.
+
+    Otherwise workers orphaned by a ``kill -9`` of the job wait for work forever, each holding its
+    memory and the cache's lock.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the job died before the request took effect
+        os._exit(1)
+
+
+def _init_worker(parent: int) -> None:
+    _die_with_parent(parent)
     import torch
 
     torch.set_num_threads(1)
@@ -171,8 +185,6 @@ def run(
     `config` is a YAML path, a :class:`~medcycle.config.Config` or None (defaults); `overrides` are
     ``KEY=VALUE`` strings.
     """
-    from tqdm import tqdm
-
     cfg = resolve_config(config, overrides)
     if data is None and mr_dir is None:
         raise UsageError("preprocess needs --data DIR (SynthRAD layout) or --mr-dir DIR (with --ct-dir DIR)")
@@ -203,6 +215,16 @@ def run(
         seen[case.name] = case
     cases.sort(key=lambda c: c.name)
 
+    with cache.lock(out):
+        return _run_locked(cases, ignored, out, cfg, workers, data, mr_dir, ct_dir)
+
+
+def _run_locked(cases: list[Case], ignored: list[str], out: Path, cfg: Any, workers: int,
+                data: Optional[str | os.PathLike], mr_dir: Optional[str | os.PathLike],
+                ct_dir: Optional[str | os.PathLike]) -> dict[str, Any]:
+    """Process `cases` into the cache `out` (whose lock the caller holds) and write its manifest."""
+    from tqdm import tqdm
+
     data_cfg = cfg.data
     data_hash = config_hash(data_cfg)
     try:
@@ -228,7 +250,8 @@ def run(
             for case in cases:
                 collect(_safe_process(case, out, data_cfg, data_hash))
         else:
-            pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=_pool_context(), initializer=_init_worker)
+            pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=_pool_context(), initializer=_init_worker,
+                                       initargs=(os.getpid(),))
             try:
                 futures = {pool.submit(_safe_process, case, out, data_cfg, data_hash): case for case in cases}
                 for future in as_completed(futures):
