@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--dicom-out", metavar="DIR", help="also write the sCT as a CT DICOM series")
+    p.add_argument("--dicom-ref", metavar="MR_SERIES", help="with --dicom-out: the patient's MR (DICOM folder or file) "
+                   "giving patient, study and frame of reference (default: the input when it is a DICOM series)")
+    p.add_argument("--rtstruct", action="store_true", help="with --dicom-out: also write the body contour as an RT "
+                   "Structure Set (RS_BODY.dcm in the series folder)")
     p.add_argument("--tta", choices=("mirror", "none"), default="mirror",
                    help="test-time augmentation: 'mirror' (default) averages the four in-plane mirrorings of each "
                         "slice (less invented texture; 4x the compute), 'none' runs each slice once")
@@ -132,7 +136,8 @@ def _job(args: argparse.Namespace) -> Callable[[], object]:
     if args.command == "convert":
         return lambda: medcycle.convert(input=args.input, output=args.output, model=args.model, mask=args.mask,
                                         no_mask=args.no_mask, batch_size=args.batch_size, device=args.device,
-                                        overwrite=args.overwrite, dicom_out=args.dicom_out, tta=args.tta)
+                                        overwrite=args.overwrite, dicom_out=args.dicom_out, tta=args.tta,
+                                        dicom_ref=args.dicom_ref, rtstruct=args.rtstruct)
     if args.command == "evaluate":
         return lambda: medcycle.evaluate(pred=args.pred, ref=args.ref, mask=args.mask, out=args.out, mr=args.mr,
                                          window=tuple(args.window))

@@ -46,25 +46,10 @@ def ras_affine_to_sitk(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[flo
 
 
 def is_dicom_series(folder: str | os.PathLike) -> bool:
-    """True when `folder` holds at least one DICOM series (GDCM's "No Series were found" warning silenced)."""
-    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    try:
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
-    except RuntimeError:
-        return False
-    finally:
-        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    """True when `folder` holds DICOM files (a series, checked when it is read)."""
+    from medcycle.dicom import is_dicom_folder
 
-
-def dicom_series_files(folder: Path) -> list[str]:
-    """The sorted files of the single DICOM series in `folder`; refuses none or several series."""
-    ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    if not ids:
-        raise InputError(f"{folder}: no DICOM series found in this folder")
-    if len(ids) > 1:
-        raise InputError(f"{folder}: holds {len(ids)} DICOM series; put each series in its own folder")
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0]))
+    return is_dicom_folder(folder)
 
 
 class SimpleITKReader(ImageReader):
@@ -80,9 +65,16 @@ class SimpleITKReader(ImageReader):
     def read(self, data: Sequence[os.PathLike] | os.PathLike, **kwargs: Any) -> sitk.Image:
         path = Path(data[0] if isinstance(data, (list, tuple)) else data)
         if path.is_dir():
+            from medcycle.dicom import series_files
+
             reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(dicom_series_files(path))
-            return reader.Execute()
+            reader.SetFileNames(series_files(path))  # one regular series, checked by medcycle
+            shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+            sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK warns of sub-tolerance jitter itself
+            try:
+                return reader.Execute()
+            finally:
+                sitk.ProcessObject.SetGlobalWarningDisplay(shown)
         return sitk.ReadImage(str(path))
 
     def get_data(self, img: sitk.Image) -> tuple[np.ndarray, dict]:
@@ -123,8 +115,10 @@ def load_volume(path: str | Path, allow_constant: bool = False) -> MetaTensor:
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     reader = _reader_for(path)
-    if path.is_dir():  # one DICOM series, refused otherwise (before MONAI's reader fallbacks)
-        dicom_series_files(path)
+    if path.is_dir():  # one regular DICOM series, refused otherwise (before MONAI's reader fallbacks)
+        from medcycle.dicom import series_files
+
+        series_files(path)
     if isinstance(reader, NibabelReader):
         check_voxel_size(path)
     try:
@@ -278,7 +272,6 @@ __all__ = [
     "as_float32",
     "check_affine",
     "check_voxel_size",
-    "dicom_series_files",
     "is_dicom_series",
     "load_volume",
     "ras_affine_to_sitk",

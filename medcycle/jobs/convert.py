@@ -63,6 +63,7 @@ class Conversion:
     case: Case
     output: Path
     dicom_out: Optional[Path] = None
+    dicom_ref: Optional[Path] = None  # patient, study and frame of reference for dicom_out (default: a DICOM input)
 
     @property
     def mr(self) -> Path:
@@ -84,6 +85,7 @@ class Settings:
     no_mask: bool = False
     overwrite: bool = False
     tta: str = "mirror"
+    rtstruct: bool = False  # also the body contour as an RT Structure Set in each DICOM output
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,10 +196,13 @@ def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
     if job.mask is not None:
         images["mask"] = load_volume(job.mask, allow_constant=True)
     input_affine, input_shape = source_grid(images["mr"])
-    if job.dicom_out is not None:
-        from medcycle.dicom import check_affine
+    reference = None
+    if job.dicom_out is not None:  # refuse before any work
+        from medcycle.dicom import check_affine, read_reference
 
-        check_affine(input_affine, job.dicom_out)  # refuse before any work
+        check_affine(input_affine, job.dicom_out)
+        source = job.dicom_ref or (job.mr if job.mr.is_dir() else None)
+        reference = read_reference(source, input_affine, input_shape) if source is not None else None
     on_model_grid = volume_transforms(data, list(images))(images)  # checks the mask's grid and content
     body = voxels(images["mask"]) > 0 if job.mask is not None and not settings.no_mask else None
     del images  # from here on the images on the model grid carry the input's geometry
@@ -212,20 +217,21 @@ def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
         if body is None:
             body = to_input_grid(model_mask, affine_of(model_mask), mr, post=lambda c: c >= 0.5, dtype=bool)
         hu[~body] = AIR_HU
-        del body
 
     save_nifti(job.output, hu, like=mr, dtype=np.int16)
     record: dict[str, Any] = {"case": job.case.name, "input": str(job.mr), "output": str(job.output)}
     if job.dicom_out is not None:
         from medcycle.dicom import write_ct_series
 
-        reference = job.mr if job.mr.is_dir() else None
         try:
-            write_ct_series(job.dicom_out, hu, input_affine, reference=reference, overwrite=settings.overwrite)
+            files = write_ct_series(job.dicom_out, hu, input_affine, reference=reference, overwrite=settings.overwrite,
+                                    body_mask=body if settings.rtstruct else None)
         except BaseException:  # a NIfTI without its series would pass for a finished case
             job.output.unlink(missing_ok=True)
             raise
         record["dicom"] = str(job.dicom_out)
+        if settings.rtstruct:
+            record["rtstruct"] = str(files[-1])
     record.update(status="converted", seconds=round(time.perf_counter() - started, 3), shape=list(input_shape),
                   mask="none" if settings.no_mask else ("given" if job.mask is not None else "computed"))
     return record
@@ -246,14 +252,20 @@ def run(
     overwrite: bool = False,
     dicom_out: Optional[str | os.PathLike] = None,
     tta: str = "mirror",
+    dicom_ref: Optional[str | os.PathLike] = None,
+    rtstruct: bool = False,
 ) -> list[dict[str, Any]]:
     """Convert INPUT (file, DICOM folder or folder of cases) to synthetic CT; returns one record per case.
 
     ``tta="mirror"`` (default) averages the generator over the four in-plane mirrorings of each slice
     (:func:`medcycle.inferers.synthesize`); ``"none"`` is four times faster.
 
+    With ``dicom_out`` the sCT is also written as a CT DICOM series; ``dicom_ref`` (the patient's MR
+    series, for a NIfTI input) gives it patient, study and frame of reference; ``rtstruct`` adds the
+    body contour as an RT Structure Set.
+
     Each record holds ``case``, ``input``, ``output``, ``status`` (``converted``, ``skipped`` or
-    ``failed``) and, as they apply, ``dicom``, ``seconds``, ``error``.
+    ``failed``) and, as they apply, ``dicom``, ``rtstruct``, ``seconds``, ``error``.
     """
     from medcycle.checkpoint import load_generator
     from medcycle.inferers import TTA_MODES
@@ -267,6 +279,10 @@ def run(
         raise UsageError("--mask and --no-mask exclude each other")
     if tta not in TTA_MODES:
         raise UsageError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    if (dicom_ref is not None or rtstruct) and dicom_path is None:
+        raise UsageError("--dicom-ref and --rtstruct go with --dicom-out")
+    if rtstruct and no_mask:
+        raise UsageError("--rtstruct writes the body mask's contour: it excludes --no-mask")
     if not input.exists():
         raise InputError(f"{input}: no such file or folder")
     if mask_path is not None and not mask_path.exists():
@@ -278,11 +294,14 @@ def run(
     if folder_mode:
         if mask_path is not None:
             raise UsageError("--mask takes one mask for one input; in folder mode each case's mask.* is used")
+        if dicom_ref is not None:
+            raise UsageError("--dicom-ref gives one patient's tags: it takes one input, not a folder of cases")
         jobs, ignored = _plan_folder(input, output, dicom_path)
     else:
         if input.is_file() and volume_suffix(input) is None:
             raise InputError(f"{input}: not a volume (expected .nii, .nii.gz, .mha, .nrrd or a DICOM folder)")
         job = _plan_file(input, output, mask_path, dicom_path)
+        job.dicom_ref = Path(dicom_ref) if dicom_ref is not None else None
         _check_outputs(job, input)
         check_output_location(job.output)
         if job.dicom_out is not None:
@@ -290,7 +309,7 @@ def run(
         jobs = [job]
 
     generator, config, _ = load_generator(model, torch_device)
-    settings = Settings(generator, config, torch_device, batch_size, no_mask, overwrite, tta)
+    settings = Settings(generator, config, torch_device, batch_size, no_mask, overwrite, tta, rtstruct)
     if folder_mode:
         with _locked(output, dicom_path):
             return _run_folder(jobs, ignored, input, output, settings)
