@@ -38,9 +38,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Generator and discriminator architecture."""
+    """Generator (the CycleGAN ResNet generator) and discriminator (PatchGAN) sizes."""
 
-    generator: Literal["resnet", "unet"] = "resnet"
     gen_width: int = 64
     gen_blocks: int = 9
     disc_width: int = 64
@@ -54,13 +53,9 @@ class LossConfig:
     pairing: Literal["unpaired", "paired", "hybrid"] = "unpaired"
     adversarial: float = 1.0
     cycle: float = 10.0  # lambda of the cycle-consistency L1
-    cycle_noise: float = 0.0  # std of Gaussian noise on each translation before the reverse generator ([-1, 1] units)
     identity: float = 0.5  # times `cycle`, as in the reference implementation
     structure: float = 0.0  # MIND structure loss between MR and sCT (Yang et al. 2018)
-    structure_sigma: float = 0.5  # MIND patch Gaussian sigma in pixels (Heinrich et al. 2012); larger: less noise-driven
-    gradient: float = 0.0  # gradient-consistency loss between MR and sCT (Hiasa et al. 2018)
     paired: float = 10.0  # L1 between sCT and registered CT when pairing is paired or hybrid
-    paired_ssim: float = 0.0  # optional SSIM term on registered pairs
 
 
 @dataclass
@@ -70,12 +65,10 @@ class TrainConfig:
     iterations: int = 20000
     max_minutes: Optional[float] = None  # stop on a wall-clock budget; the schedule follows it
     batch_size: int = 1
-    crop_size: int = 0  # train on random crops of this side of the cached tiles; 0 = the whole tile
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     decay_from: float = 0.5  # fraction of the run after which the lr decays linearly to zero
     pool_size: int = 50
-    ema: float = 0.0  # decay of a moving average of the MR-to-CT generator's weights (0 = off), used to convert
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -127,24 +120,47 @@ class Config:
         _check(m.gen_width >= 1 and m.disc_width >= 1, "model.gen_width", "and model.disc_width must be >= 1", m.gen_width)
         _check(m.gen_blocks >= 0, "model.gen_blocks", "must be >= 0", m.gen_blocks)
         _check(m.disc_layers >= 1, "model.disc_layers", "must be >= 1", m.disc_layers)
-        for name in ("adversarial", "cycle", "identity", "structure", "gradient", "paired", "paired_ssim"):
+        for name in ("adversarial", "cycle", "identity", "structure", "paired"):
             _check(getattr(lo, name) >= 0, f"loss.{name}", "must be >= 0", getattr(lo, name))
-        _check(lo.structure_sigma > 0, "loss.structure_sigma", "must be > 0 (pixels)", lo.structure_sigma)
-        _check(lo.cycle_noise >= 0, "loss.cycle_noise", "must be >= 0 (a standard deviation)", lo.cycle_noise)
         _check(t.iterations >= 1, "train.iterations", "must be >= 1", t.iterations)
         _check(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes", "must be > 0", t.max_minutes)
         _check(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
-        _check(t.crop_size == 0 or (16 <= t.crop_size <= d.tile_size and t.crop_size % 4 == 0), "train.crop_size",
-               f"must be 0 (whole tiles) or a multiple of 4 in [16, data.tile_size={d.tile_size}]", t.crop_size)
         _check(t.lr > 0, "train.lr", "must be > 0", t.lr)
         _check(all(0 <= b < 1 for b in t.betas), "train.betas", "must be in [0, 1)", list(t.betas))
         _check(0 <= t.decay_from <= 1, "train.decay_from", "must be in [0, 1]", t.decay_from)
         _check(t.pool_size >= 0, "train.pool_size", "must be >= 0", t.pool_size)
-        _check(0 <= t.ema < 1, "train.ema", "must be in [0, 1) (0 = off; 0.999 averages ~1000 iterations)", t.ema)
         _check(t.workers >= 0, "train.workers", "must be >= 0", t.workers)
         for name in ("log_every", "image_every", "val_every", "checkpoint_every", "val_max_tiles"):
             _check(getattr(t, name) >= 1, f"train.{name}", "must be >= 1", getattr(t, name))
         return self
+
+
+#: keys deleted in medcycle 0.2, with the value that meant "off" (still accepted, so that the configs of
+#: older runs and checkpoints load) and why each went
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "model.generator": ("resnet", "the U-Net generator measured worse than the ResNet one"),
+    "loss.cycle_noise": (0.0, "it measured no gain"),
+    "loss.gradient": (0.0, "the gradient-consistency loss measured worse"),
+    "loss.structure_sigma": (0.5, "MIND keeps the paper's 0.5 px; 1.0 measured no gain"),
+    "loss.paired_ssim": (0.0, "no recipe used it and it had no measured gain"),
+    "train.crop_size": (0, "crops measured worse than whole tiles"),
+    "train.ema": (0.0, "the weight average measured no gain"),
+}
+
+
+def _drop_removed(values: dict[str, Any], names: set[str], section: str) -> dict[str, Any]:
+    """`values` without the :data:`REMOVED_KEYS` of `section` that hold their old 'off' value; refuse other values."""
+    kept = {}
+    for name, value in values.items():
+        key = f"{section}.{name}" if section else name
+        if name in names or key not in REMOVED_KEYS:
+            kept[name] = value
+            continue
+        off, why = REMOVED_KEYS[key]
+        if value != off or type(value) is bool:
+            raise UsageError(f"config: {key} was removed in medcycle 0.2 ({why}); this config sets {value!r}, "
+                             f"only {off!r} can still be read")
+    return kept
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -160,6 +176,7 @@ def _build(kind: Any, value: Any, key: str) -> Any:
             raise UsageError(f"config: {key or 'the file'} must be a mapping, got {value!r}")
         hints = typing.get_type_hints(kind)
         names = {f.name for f in dataclasses.fields(kind)}
+        value = _drop_removed(value, names, key)
         unknown = sorted(set(value) - names)
         if unknown:
             where = f"{key}." if key else ""

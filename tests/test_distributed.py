@@ -103,7 +103,7 @@ def test_ddp_averages_gradients_and_keeps_the_ranks_identical(cache, tmp_path):
     out, results = tmp_path / "run", tmp_path / "results"
     results.mkdir()
     overrides = [*QUIET, "train.iterations=6", "train.batch_size=2", "train.val_every=3", "train.checkpoint_every=3",
-                 "loss.pairing=hybrid", "loss.gradient=1"]
+                 "loss.pairing=hybrid", "loss.structure=1"]
     mp.spawn(_worker, args=(_free_port(), str(cache), str(out), overrides, str(results), True), nprocs=WORLD, join=True)
     reports = _reports(results)
     assert all(r["grad_error"] < 1e-5 for r in reports), reports

@@ -23,10 +23,9 @@
 
 * Augmentation (``train.augment``) with MONAI dictionary transforms: left-right flip (``RandFlipd``,
   p 0.5), a small affine (``RandAffined``, p 0.5: rotation +-5 degrees, scale +-5 %, bilinear, border
-  padding, i.e. the background -1 continues), then a random ``train.crop_size`` crop
-  (``RandSpatialCropd``; also without ``augment``, since the crop is what makes training steps cheap).
-  A registered partner is transformed together with its tile (one draw, the same flip, affine and
-  crop); the independently drawn CT gets its own draw.
+  padding, i.e. the background -1 continues). Tiles are never cropped: instance norm must see in
+  training the statistics it sees in conversion. A registered partner is transformed together with its
+  tile (one draw, the same flip and affine); the independently drawn CT gets its own draw.
 """
 from __future__ import annotations
 
@@ -91,24 +90,21 @@ def check_data_config(manifest: Mapping[str, Any], data_config: Mapping[str, Any
 # augmentation
 
 
-def build_augmentation(keys: Sequence[str], augment: bool, crop_size: int) -> Optional[Any]:
+def build_augmentation(keys: Sequence[str], augment: bool) -> Optional[Any]:
     """MONAI Compose applied to one tile and its registered partner (same draw for every key in `keys`).
 
-    Returns None when there is nothing to do (no augmentation and no crop).
+    Returns None without augmentation.
     """
-    from monai.transforms import Compose, RandAffined, RandFlipd, RandSpatialCropd
+    if not augment:
+        return None
+    from monai.transforms import Compose, RandAffined, RandFlipd
 
-    steps: list[Any] = []
     keys = list(keys)
-    if augment:
-        steps += [
-            RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),  # tile axis 0 is x (left-right)
-            RandAffined(keys, prob=0.5, rotate_range=(math.radians(ROTATION_DEG),), scale_range=(SCALE, SCALE),
-                        mode="bilinear", padding_mode="border", allow_missing_keys=True),
-        ]
-    if crop_size:
-        steps.append(RandSpatialCropd(keys, roi_size=(crop_size, crop_size), random_size=False, allow_missing_keys=True))
-    return Compose(steps) if steps else None
+    return Compose([
+        RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),  # tile axis 0 is x (left-right)
+        RandAffined(keys, prob=0.5, rotate_range=(math.radians(ROTATION_DEG),), scale_range=(SCALE, SCALE),
+                    mode="bilinear", padding_mode="border", allow_missing_keys=True),
+    ])
 
 
 def _apply(transform: Optional[Any], sample: dict[str, np.ndarray], seed: int) -> dict[str, torch.Tensor]:
@@ -148,17 +144,17 @@ class TileDataset(Dataset):
     """Items of the `split` of a tile cache for CycleGAN training (see the module docstring).
 
     ``dataset[(epoch, position, index)]`` (or ``dataset[index]``, epoch 0) returns a dict of float32
-    tensors ``mr``, ``ct`` (each ``(k, S, S)``, S = ``crop_size`` or the tile size), in ``hybrid``
+    tensors ``mr``, ``ct`` (each ``(k, S, S)``, S the tile size), in ``hybrid``
     mode also ``ct_reg``, ``has_ct_reg``, ``mr_reg``, ``has_mr_reg``, and the bookkeeping ``epoch``,
     ``position``, ``index``, ``mr_case``, ``mr_tile``, ``ct_case``, ``ct_tile``.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, manifest: Mapping[str, Any], split: str = "train",
-                 pairing: str = "unpaired", augment: bool = True, crop_size: int = 0, seed: int = 0) -> None:
+                 pairing: str = "unpaired", augment: bool = True, seed: int = 0) -> None:
         if pairing not in ("unpaired", "paired", "hybrid"):
             raise ValueError(f"unknown pairing {pairing!r}")
         self.cache_dir = Path(cache_dir)
-        self.pairing, self.augment, self.crop_size, self.seed = pairing, bool(augment), int(crop_size), int(seed)
+        self.pairing, self.augment, self.seed = pairing, bool(augment), int(seed)
         cases = manifest["cases"]
 
         def refs(ids: Sequence[str]) -> list[tuple[str, int]]:
@@ -180,8 +176,8 @@ class TileDataset(Dataset):
                 raise InputError(f"{where} has no CT tiles to train on")
         self.paired_cases = set(select_cases(manifest, split, paired=True))
         self._store = _CaseStore(self.cache_dir)
-        self._mr_transform = build_augmentation(["mr", "ct", "ct_reg"], self.augment, self.crop_size)
-        self._ct_transform = build_augmentation(["ct", "mr_reg"], self.augment, self.crop_size)
+        self._mr_transform = build_augmentation(["mr", "ct", "ct_reg"], self.augment)
+        self._ct_transform = build_augmentation(["ct", "mr_reg"], self.augment)
 
     def __len__(self) -> int:
         return len(self.mr_refs)

@@ -81,11 +81,12 @@ def load_resume_state(run_dir: Path, config: Config, manifest: Mapping[str, Any]
     for key in ("optimizers", "schedulers", "pools", "rng", "sampler"):
         if key not in state:
             raise InputError(f"{path}: cannot be resumed (the checkpoint holds no {key})")
-    differing = config_differences(state["config"], config.to_dict(), ignore=RESUMABLE_KEYS)
+    run_config = Config.from_dict(state["config"]).to_dict()  # as this version reads it (removed keys dropped)
+    differing = config_differences(run_config, config.to_dict(), ignore=RESUMABLE_KEYS)
     if differing:
         key = differing[0]
         more = f" (and {len(differing) - 1} more)" if len(differing) > 1 else ""
-        raise UsageError(f"--resume: the config differs from the run's in {key}{more}: run {_flat_value(state['config'], key)!r}, "
+        raise UsageError(f"--resume: the config differs from the run's in {key}{more}: run {_flat_value(run_config, key)!r}, "
                          f"now {_flat_value(config.to_dict(), key)!r}; resume with {run_dir / CONFIG} or use another --out")
     cached = manifest.get("data_config_hash")
     trained = (state.get("preprocessing") or {}).get("data_config_hash")
@@ -119,7 +120,7 @@ class _Signals:
 
 
 def _dummy_batch(config: Config, batch_size: int) -> dict[str, torch.Tensor]:
-    k, side = config.data.context_slices, config.train.crop_size or config.data.tile_size
+    k, side = config.data.context_slices, config.data.tile_size
     tile = torch.zeros(batch_size, k, side, side)
     batch: dict[str, Any] = {"mr": tile, "ct": tile}
     if config.loss.pairing == "hybrid":
@@ -145,7 +146,7 @@ def fit(config: Config, cache_dir: str | Path, run_dir: str | Path, ctx: DistCon
 
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     seed_everything(train.seed, train.deterministic)
-    dataset = TileDataset(cache_dir, manifest, "train", config.loss.pairing, train.augment, train.crop_size, train.seed)
+    dataset = TileDataset(cache_dir, manifest, "train", config.loss.pairing, train.augment, train.seed)
     sampler = EpochSampler(len(dataset), train.seed, train.batch_size, ctx.rank, ctx.world)
     if state is not None:
         sampler.epoch, sampler.position = resumed_position(state["sampler"], ctx.world, train.batch_size, sampler.per_rank)
