@@ -224,7 +224,7 @@ def test_a_run_of_medcycle_0_1_with_removed_keys_resumes_and_converts(cache, tmp
 def test_amp_channels_last_and_float32_losses():
     config = load_config(None, [*TINY, "train.amp=auto", "train.channels_last=true"])
     trainer = CycleGANTrainer(config)
-    from medcycle.inferers import autocast_dtype
+    from medcycle.engine.amp import autocast_dtype
 
     assert trainer.dtype == autocast_dtype("auto", "cpu")
     assert trainer.nets["G_mr2ct"].model[1].conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -234,6 +234,19 @@ def test_amp_channels_last_and_float32_losses():
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
     fp32 = CycleGANTrainer(load_config(None, [*TINY, "train.amp=none", "train.channels_last=false"]))
     assert fp32.dtype is None and fp32.nets["G_mr2ct"].model[1].conv.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_amp_policy_follows_the_cpu(monkeypatch, native_bf16):
+    from medcycle.engine import amp
+
+    monkeypatch.setattr(amp, "_cpu_supports_bf16", lambda: native_bf16)
+    for setting in ("auto", "bf16", "fp16", True):
+        assert amp.autocast_dtype(setting, "cpu") == (torch.bfloat16 if native_bf16 else None)
+    for setting in ("none", False, None):
+        assert amp.autocast_dtype(setting, "cpu") is None
+    trainer = CycleGANTrainer(load_config(None, [*TINY, "train.amp=auto"]))
+    assert trainer.dtype == (torch.bfloat16 if native_bf16 else None)
 
 
 def test_compile_failure_falls_back_to_eager(cache, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ Speed and scale-out:
   batch). In the generator step the plain (un-wrapped) discriminators are called with
   ``requires_grad`` off: gradients reach the generators through them, while their own DDP reducer is
   not involved (its parameters get no gradient in that backward);
-* autocast (:func:`medcycle.inferers.autocast_dtype`: bf16 on CPUs with native bf16, bf16 or fp16 on
+* autocast (:func:`medcycle.engine.amp.autocast_dtype`: bf16 on CPUs with native bf16, bf16 or fp16 on
   CUDA, a GradScaler for fp16); every loss is computed in float32; channels-last when asked for;
   optional ``torch.compile`` of the four networks (falls back to eager with a warning).
 """
@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medcycle.config import Config
+from medcycle.engine.amp import autocast_dtype
 from medcycle.errors import UsageError
-from medcycle.inferers import CPU_BATCH_PIXELS, autocast_dtype
+from medcycle.inferers import CPU_BATCH_PIXELS
 from medcycle.losses import (
     ImagePool,
     MINDLoss,
