@@ -258,20 +258,34 @@ def find_config(name_or_path: str | Path) -> Path:
     raise UsageError(f"config file not found: {path} (built-in configs: {', '.join(builtin_configs())})")
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Read a YAML config (a path or a built-in name; defaults when None), apply ``KEY=VALUE`` overrides, validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = find_config(path)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(tree, dict):
-            raise UsageError(f"{path}: the top level must be a mapping of sections")
+def resolve_config(config: Config | str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """The validated config of a run: `config` (a :class:`Config`, a YAML path, a built-in name such as
+    ``demo_cpu``, or None for the defaults) with ``KEY=VALUE`` `overrides` applied in order."""
+    if isinstance(config, Config):
+        tree = config.to_dict()
+    elif config is None or isinstance(config, (str, Path)):
+        tree = {} if config is None else _read_yaml(find_config(config))
+    else:
+        raise UsageError(f"config must be a Config, a YAML file or a built-in name, got {type(config).__name__}")
     for assignment in overrides:
         _apply_override(tree, assignment)
     return Config.from_dict(tree).validate()
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (a path or a built-in name; defaults when None), apply ``KEY=VALUE`` overrides, validate."""
+    return resolve_config(path, overrides)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping of sections in the YAML file `path`; refuse anything else in one line naming the file."""
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise UsageError(f"{path}: the top level must be a mapping of sections")
+    return tree
 
 
 def save_config(config: Config, path: str | Path) -> None:

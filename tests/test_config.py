@@ -105,3 +105,19 @@ def test_removed_keys_are_read_when_off_and_refused_otherwise():
         with pytest.raises(UsageError, match=f"config: {assignment.split('=')[0]} was removed in medcycle 0.2"):
             load_config(None, [assignment])
     assert load_config(None, ["train.crop_size=0", "model.generator=resnet"]) == Config()
+
+
+def test_resolve_config_takes_a_config_a_path_a_builtin_name_or_nothing(tmp_path):
+    from medcycle.config import find_config, resolve_config
+
+    base = resolve_config(None, ["model.gen_width=8"])
+    assert base == load_config(None, ["model.gen_width=8"])
+    derived = resolve_config(base, ["train.lr=1e-3"])
+    assert derived.model.gen_width == 8 and derived.train.lr == 1e-3 and base.train.lr == 2e-4  # base unchanged
+    assert resolve_config("demo_cpu") == load_config(find_config("demo_cpu"))
+    save_config(derived, tmp_path / "run.yaml")
+    assert resolve_config(tmp_path / "run.yaml") == derived and resolve_config(str(tmp_path / "run.yaml")) == derived
+    with pytest.raises(UsageError, match="train.lr must be > 0"):
+        resolve_config(base, ["train.lr=0"])
+    with pytest.raises(UsageError, match="config must be a Config, a YAML file or a built-in name, got dict"):
+        resolve_config({"train": {}})

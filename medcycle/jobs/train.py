@@ -24,15 +24,15 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from medcycle.config import Config, load_config
+from medcycle.config import Config, resolve_config
 from medcycle.errors import MedcycleError, UsageError
 
 CONFIG = "config.yaml"
 
 
-def resolve_config(config: Any, overrides: Sequence[str], out: Path, resume: bool, max_iters: Optional[int]) -> Config:
-    """The run's config: `config` (path, Config or None) with `overrides`; on resume without a
-    config the run's own ``config.yaml``; ``max_iters`` replaces ``train.iterations``."""
+def run_config(config: Any, overrides: Sequence[str], out: Path, resume: bool, max_iters: Optional[int]) -> Config:
+    """The run's config: `config` (Config, path, built-in name or None) with `overrides`; on resume
+    without a config the run's own ``config.yaml``; ``max_iters`` replaces ``train.iterations``."""
     overrides = list(overrides or ())
     if max_iters is not None:
         if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
@@ -40,14 +40,7 @@ def resolve_config(config: Any, overrides: Sequence[str], out: Path, resume: boo
         overrides.append(f"train.iterations={max_iters}")
     if config is None and resume and (out / CONFIG).is_file():
         config = out / CONFIG
-    if isinstance(config, Config):
-        from medcycle.config import _apply_override
-
-        tree = config.to_dict()
-        for assignment in overrides:
-            _apply_override(tree, assignment)
-        return Config.from_dict(tree).validate()
-    return load_config(config, overrides)
+    return resolve_config(config, overrides)
 
 
 def run(config: Any = None, data: Optional[str | os.PathLike] = None, out: Optional[str | os.PathLike] = None,
@@ -64,7 +57,7 @@ def run(config: Any = None, data: Optional[str | os.PathLike] = None, out: Optio
     if data is None or out is None:
         raise UsageError("train needs --data CACHE and --out RUN")
     out = Path(out)
-    cfg = resolve_config(config, overrides, out, resume, max_iters)
+    cfg = run_config(config, overrides, out, resume, max_iters)
     ctx = distributed.setup(device)
     try:
         return fit(cfg, Path(data), out, ctx, resume=resume, stop_after=stop_after)
@@ -76,4 +69,4 @@ def run(config: Any = None, data: Optional[str | os.PathLike] = None, out: Optio
         ctx.close()
 
 
-__all__ = ["resolve_config", "run"]
+__all__ = ["run", "run_config"]
