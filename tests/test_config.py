@@ -41,7 +41,7 @@ def test_overrides_apply_with_yaml_types():
         ("data.tile_size=30", "data.tile_size must be a multiple of 4"),
         ("data.context_slices=2", "data.context_slices must be an odd number"),
         ("loss.pairing=both", "loss.pairing must be one of unpaired, paired, hybrid"),
-        ("train.lr=-1", "train.lr must be > 0"),
+        ("train.lr=-1", r"train.lr must be in \(0, 1\]"),
         ("data.ct_window=[3000, -1024]", "data.ct_window must be low < high"),
         ("data.ct_knots=[[200, -0.3], [-200, -0.85]]", "data.ct_knots must be .HU, value. pairs with HU rising"),
         ("data.ct_knots=[[-200, -0.3], [200, -0.85]]", "data.ct_knots must be .HU, value. pairs .* values rising"),
@@ -117,7 +117,7 @@ def test_resolve_config_takes_a_config_a_path_a_builtin_name_or_nothing(tmp_path
     assert resolve_config("demo_cpu") == load_config(find_config("demo_cpu"))
     save_config(derived, tmp_path / "run.yaml")
     assert resolve_config(tmp_path / "run.yaml") == derived and resolve_config(str(tmp_path / "run.yaml")) == derived
-    with pytest.raises(UsageError, match="train.lr must be > 0"):
+    with pytest.raises(UsageError, match=r"train.lr must be in \(0, 1\]"):
         resolve_config(base, ["train.lr=0"])
     with pytest.raises(UsageError, match="config must be a Config, a YAML file or a built-in name, got dict"):
         resolve_config({"train": {}})

@@ -30,6 +30,9 @@ from test_dataset import make_cache
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.tile_size=32", "data.val_cases=1", "model.gen_width=4", "model.gen_blocks=1", "model.disc_width=4",
         "train.workers=0", "train.pool_size=3"]
+#: seconds after which a waiting test gives up: only a hang takes that long, but on a shared 2-core machine
+#: starting a process that imports torch and MONAI can take a minute
+HANG = 600
 QUIET = ["train.log_every=1", "train.val_every=1000", "train.image_every=1000", "train.checkpoint_every=1000"]
 
 
@@ -48,7 +51,7 @@ def rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def cli(*args: str, timeout: float = 120, **popen) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = HANG, **popen) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "medcycle", "train", *args], cwd=ROOT, env=env, capture_output=True,
                           encoding="utf-8", errors="replace", timeout=timeout, **popen)
@@ -75,7 +78,10 @@ def test_cli_run_writes_checkpoints_logs_images_and_tracks_the_best_model(cache,
     manifest = load_manifest(cache)
     assert state["format"] == "medcycle-checkpoint" and state["version"] == 1
     assert state["config"] == config and state["iteration"] == 12 and state["elapsed"] > 0
-    assert state["preprocessing"] == {"data_config": manifest["data_config"], "data_config_hash": manifest["data_config_hash"]}
+    from medcycle.data.dataset import cases_fingerprint
+
+    assert state["preprocessing"] == {"data_config": manifest["data_config"], "data_config_hash": manifest["data_config_hash"],
+                                      "cases_hash": cases_fingerprint(cache, manifest)}
     assert set(state["nets"]) == {"G_mr2ct", "G_ct2mr", "D_ct", "D_mr"}
     assert set(state["optimizers"]) == set(state["schedulers"]) == {"G", "D"}
     assert set(state["pools"]) == {"ct", "mr"} and state["pools"]["ct"]["images"].shape[0] == 3
@@ -288,9 +294,12 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(cache, tmp_path, monke
     assert not list((tmp_path / "run").glob(".tmp*"))
 
 
-def _wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
+def _wait_for(predicate, proc: subprocess.Popen) -> None:
+    """Until `predicate` holds; fails at once if `proc` ended (with its stderr) and after :data:`HANG` seconds."""
+    deadline = time.monotonic() + HANG
     while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}): {proc.communicate()[1][-2000:]}")
         if time.monotonic() > deadline:
             raise AssertionError("timed out")
         time.sleep(0.05)
@@ -307,9 +316,9 @@ def test_sigterm_saves_last_pt_and_says_how_to_resume(cache, tmp_path):
     run = tmp_path / "run"
     proc = _start(cache, run, "train.workers=2")
     try:
-        _wait_for(lambda: (run / "losses.csv").is_file() and len(rows(run / "losses.csv")) >= 3)
+        _wait_for(lambda: (run / "losses.csv").is_file() and len(rows(run / "losses.csv")) >= 3, proc)
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=HANG)
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
@@ -333,9 +342,9 @@ def test_sigkill_leaves_a_loadable_checkpoint_that_resumes(cache, tmp_path):
         except InputError:  # never: writes are atomic
             raise
     try:
-        _wait_for(checkpointed)
+        _wait_for(checkpointed, proc)
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait(timeout=HANG)
     finally:
         proc.kill()
     state = load_checkpoint(run / "last.pt")

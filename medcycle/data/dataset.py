@@ -30,6 +30,8 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from medcycle.data.cache import CaseTiles, load_case_tiles, select_cases
+from medcycle.data.cache import CaseTiles, load_case_tiles, read_record, select_cases
 from medcycle.errors import InputError
 
 #: data-config keys that do not change the tiles (``val_cases`` only chooses the split).
@@ -84,6 +86,17 @@ def check_data_config(manifest: Mapping[str, Any], data_config: Mapping[str, Any
                           for k in differing[:4])
         raise InputError(f"{cache_dir}: preprocessed with another data config ({shown}); "
                          "re-run medcycle preprocess with this config")
+
+
+def cases_fingerprint(cache_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> str:
+    """A short hash of which cases a cache holds: ids, splits, modalities, tile counts and the sha256 of each
+    case's sources. Stored in checkpoints, so that a run resumes only on the cases it was trained on."""
+    cases = []
+    for case_id, entry in sorted(manifest["cases"].items()):
+        sources = (read_record(cache_dir, case_id) or {}).get("sources") or {}
+        cases.append([case_id, {k: entry.get(k) for k in ("split", "mr", "ct", "paired", "n_tiles")},
+                      {role: (source or {}).get("sha256") for role, source in sorted(sources.items())}])
+    return hashlib.sha256(json.dumps(cases, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,6 +374,7 @@ __all__ = [
     "EpochSampler",
     "TileDataset",
     "build_augmentation",
+    "cases_fingerprint",
     "check_data_config",
     "config_differences",
     "derived_seed",

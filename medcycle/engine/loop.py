@@ -11,6 +11,10 @@ Validation (every ``train.val_every`` iterations and at the end) needs paired ``
 cache. Without them there is no validation and no ``best.pt``: :func:`medcycle.checkpoint.resolve_checkpoint`
 then falls back to ``last.pt``, i.e. the best model is the last one.
 
+Divergence: a non-finite loss (or non-finite weights when a checkpoint is due) stops the run with
+:class:`Diverged`; checkpoints are never written with non-finite weights, so ``last.pt`` keeps the last
+good state.
+
 Signals: SIGINT / SIGTERM set a flag; the current iteration finishes, ``last.pt`` is written and
 :class:`Interrupted` (exit code 128 + signal) tells how to resume. A second Ctrl-C aborts at once.
 In DDP the flag, the wall clock and the end of the run are agreed through an all-reduce every
@@ -36,6 +40,7 @@ from medcycle.data.cache import load_manifest
 from medcycle.data.dataset import (
     EpochSampler,
     TileDataset,
+    cases_fingerprint,
     check_data_config,
     config_differences,
     preview_tiles,
@@ -59,11 +64,22 @@ class Interrupted(MedcycleError):
     """Training stopped by a signal after saving ``last.pt``."""
 
 
+class Diverged(MedcycleError):
+    """Training stopped on a non-finite loss or weights; ``last.pt`` keeps the last good state."""
+
+
 def _flat_value(tree: Mapping[str, Any], key: str) -> Any:
     node: Any = tree
     for part in key.split("."):
         node = node.get(part) if isinstance(node, Mapping) else None
     return node
+
+
+def check_run_dir(run_dir: Path, cache_dir: Path) -> None:
+    """Refuse a run folder inside the cache (the cache is an input: nothing is written into it)."""
+    run, cache = run_dir.resolve(), cache_dir.resolve()
+    if run == cache or cache in run.parents:
+        raise UsageError(f"--out {run_dir}: inside the cache folder {cache_dir}; write the run to a folder outside it")
 
 
 def check_new_run(run_dir: Path) -> None:
@@ -95,6 +111,10 @@ def load_resume_state(run_dir: Path, config: Config, manifest: Mapping[str, Any]
     if cached != trained:
         raise InputError(f"{cache_dir}: not the cache this run was trained on (data config hash {cached}, run {trained}); "
                          "resume with the original cache or use another --out")
+    trained_cases = state["preprocessing"].get("cases_hash")  # absent in runs of medcycle 0.1: not checked
+    if trained_cases is not None and trained_cases != cases_fingerprint(cache_dir, manifest):
+        raise InputError(f"{cache_dir}: holds other cases than the cache this run was trained on (same data config, other "
+                         "case list or sources); resume with the original cache or use another --out")
     return state
 
 
@@ -179,6 +199,7 @@ class _Tick:
     elapsed: float  # training seconds over all sessions of the run
     progress: float  # in [0, 1]: what the lr schedule follows
     signum: int  # a signal received by any rank, else 0
+    diverged: bool  # a loss of some rank is not finite
     done: bool  # the run's end: its iterations or its wall-clock budget
     stop: bool  # this session ends here (done, or `stop_after` reached)
 
@@ -191,6 +212,7 @@ class _Session:
         train = config.train
         self.manifest = load_manifest(cache_dir)
         check_data_config(self.manifest, config.to_dict()["data"], cache_dir)
+        check_run_dir(run_dir, cache_dir)
         state = load_resume_state(run_dir, config, self.manifest, cache_dir) if resume else None
         if state is None:
             check_new_run(run_dir)
@@ -201,6 +223,7 @@ class _Session:
         self.trainer = CycleGANTrainer(config, ctx.device)
         self.metrics: dict[str, Any] = {"best_val_mae": None, "best_iteration": None, "history": []}
         self.base_elapsed = 0.0
+        self.bad_loss: Optional[str] = None  # the first non-finite loss of the last step, as "name=value"
         if state is not None:
             self._restore(state)
         if train.compile:
@@ -212,11 +235,13 @@ class _Session:
 
         self.val_tiles = validation_tiles(cache_dir, self.manifest, train.val_max_tiles) if ctx.is_main else None
         self.preview = preview_tiles(cache_dir, self.manifest, PREVIEW_TILES) if ctx.is_main else None
-        self.preprocessing = {"data_config": self.manifest["data_config"], "data_config_hash": self.manifest["data_config_hash"]}
+        self.preprocessing = {"data_config": self.manifest["data_config"], "data_config_hash": self.manifest["data_config_hash"],
+                              "cases_hash": cases_fingerprint(cache_dir, self.manifest)}
         if ctx.is_main:
             self._prepare_run_dir()
         self.budget = train.max_minutes * 60.0 if train.max_minutes else None
         self.start = self.trainer.iteration
+        self.saved = self.start if state is not None else None  # iteration of the run's last.pt
         self.elapsed = self.base_elapsed
         self.sampler_state = {"epoch": self.sampler.epoch, "position": self.sampler.position}
         self.logger = RunLogger(run_dir, ctx.is_main, self.trainer.loss_names, self.start, train.iterations,
@@ -297,19 +322,25 @@ class _Session:
         """One optimisation step, then the ranks agree on the signal and the clock and the lr follows."""
         trainer = self.trainer
         trainer.set_input(batch)
-        losses.add(trainer.optimize_parameters())
+        step_losses = trainer.optimize_parameters()
+        losses.add(step_losses)
         it = trainer.iteration
         self.sampler_state = self.sampler.after(int(batch["epoch"][-1]), int(batch["position"][-1]))
-        signum, self.elapsed = self.ctx.agree_max(float(signals.signum), self.base_elapsed + time.perf_counter() - t0)
+        self.bad_loss = next((f"{name}={float(v)}" for name, v in step_losses.items() if not torch.isfinite(v)), None)
+        signum, self.elapsed, diverged = self.ctx.agree_max(float(signals.signum), self.base_elapsed + time.perf_counter() - t0,
+                                                            float(self.bad_loss is not None))
         progress = self.progress(it, self.elapsed)
         trainer.set_progress(progress)
         self.logger.step()
         done = progress >= 1.0 or bool(self.budget and self.elapsed >= self.budget)
-        return _Tick(it, self.elapsed, progress, int(signum), done, done or bool(stop_after and it >= stop_after))
+        return _Tick(it, self.elapsed, progress, int(signum), bool(diverged), done,
+                     done or bool(stop_after and it >= stop_after))
 
     def _after_step(self, tick: _Tick, losses: _LossWindow) -> None:
         """Logs, validation, preview sheet and checkpoints due at `tick`; :class:`Interrupted` on a signal."""
         train, it, main = self.config.train, tick.iteration, self.ctx.is_main
+        if tick.diverged:
+            self._diverged(it, f"a non-finite loss ({self.bad_loss or 'on another process'})")
         if it % train.log_every == 0 or tick.stop or tick.signum:
             self._log_losses(tick, losses)
         if main and self.val_tiles is not None and (it % train.val_every == 0 or tick.stop):
@@ -346,8 +377,15 @@ class _Session:
             self._save(BEST, gather=False)
 
     def _save(self, name: str, gather: bool = True) -> None:
-        """Write checkpoint `name` from rank 0; with `gather` (a collective) it holds every rank's image pools."""
+        """Write checkpoint `name` from rank 0; with `gather` (a collective) it holds every rank's image pools.
+
+        Weights that are not finite are never written (:class:`Diverged`)."""
         ctx, train = self.ctx, self.config.train
+        finite = self.trainer.weights_finite()
+        if gather and ctx.distributed:
+            finite = not ctx.agree_max(float(not finite))[0]  # every rank stops, or none
+        if not finite:
+            self._diverged(self.trainer.iteration, "non-finite weights")
         state = self.trainer.state_dict()
         pools = ctx.gather(state["pools"]) if gather and ctx.distributed else None
         if not ctx.is_main:
@@ -358,6 +396,14 @@ class _Session:
         if pools is not None:
             state["rank_pools"] = pools[1:]
         save_checkpoint(self.run_dir / name, state)
+        if name == LAST:
+            self.saved = self.trainer.iteration
+
+    def _diverged(self, iteration: int, what: str) -> None:
+        """Stop with :class:`Diverged`, saying what the run folder still holds."""
+        kept = f"{self.run_dir / LAST} keeps iteration {self.saved}" if self.saved is not None else "no checkpoint was written"
+        raise Diverged(f"training diverged at iteration {iteration}: {what}; {kept}; lower train.lr (now "
+                       f"{self.config.train.lr:g}) or check the cache")
 
     # ----------------------------------------------------------------------------------------------
     # the end
@@ -396,4 +442,5 @@ def _compile(trainer: CycleGANTrainer, config: Config) -> None:
         trainer.uncompile()
 
 
-__all__ = ["BEST", "CONFIG", "Interrupted", "LAST", "RESUMABLE_KEYS", "check_new_run", "fit", "load_resume_state"]
+__all__ = ["BEST", "CONFIG", "Diverged", "Interrupted", "LAST", "RESUMABLE_KEYS", "check_new_run", "check_run_dir", "fit",
+           "load_resume_state"]

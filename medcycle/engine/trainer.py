@@ -427,6 +427,11 @@ class CycleGANTrainer:
     # ----------------------------------------------------------------------------------------------
     # state
 
+    def weights_finite(self) -> bool:
+        """True when every parameter and buffer of the four networks is finite (what a checkpoint may hold)."""
+        return all(bool(torch.isfinite(v).all()) for net in self.nets.values() for v in net.state_dict().values()
+                   if v.is_floating_point())
+
     def digest(self) -> str:
         """sha256 of every network parameter (to compare ranks or runs)."""
         h = hashlib.sha256()

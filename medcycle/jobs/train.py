@@ -20,12 +20,14 @@ validation MAE; only with paired ``val`` cases in the cache), ``losses.csv``, ``
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from medcycle.config import Config, resolve_config
-from medcycle.errors import MedcycleError, UsageError
+from medcycle.errors import InputError, MedcycleError, UsageError
 
 CONFIG = "config.yaml"
 
@@ -60,13 +62,41 @@ def run(config: Any = None, data: Optional[str | os.PathLike] = None, out: Optio
     cfg = run_config(config, overrides, out, resume, max_iters)
     ctx = distributed.setup(device)
     try:
-        return fit(cfg, Path(data), out, ctx, resume=resume, stop_after=stop_after)
+        with _one_line_errors(cfg):
+            return fit(cfg, Path(data), out, ctx, resume=resume, stop_after=stop_after)
     except MedcycleError as exc:
         if ctx.rank > 0:  # rank 0 reports; the others leave quietly with the same exit code
             raise SystemExit(exc.exit_code) from None
         raise
     finally:
         ctx.close()
+
+
+@contextlib.contextmanager
+def _one_line_errors(config: Config) -> Iterator[None]:
+    """Turn the machine's refusals (no memory, a file that cannot be read or written) into one-line errors."""
+    try:
+        yield
+    except OSError as exc:  # a read-only or full --out, a cache file that cannot be read
+        raise InputError(f"{exc.filename or 'train'}: {exc.strerror or exc}") from None
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        m, d, t = config.model, config.data, config.train
+        asked = re.search(r"tried to allocate (\d+) bytes", str(exc))
+        size = f" (one allocation of {int(asked.group(1)) / 2**30:.1f} GiB)" if asked else ""
+        raise UsageError(f"out of memory{size}: the networks of model.gen_width={m.gen_width}, model.gen_blocks="
+                         f"{m.gen_blocks}, model.disc_width={m.disc_width} on {d.tile_size}-px tiles, batch "
+                         f"{t.batch_size}, do not fit; lower them") from None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """True for an allocation failure of torch (CPU or CUDA) or Python."""
+    import torch
+
+    text = str(exc)
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text \
+        or "not enough memory" in text
 
 
 __all__ = ["run", "run_config"]
