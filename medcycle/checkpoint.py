@@ -58,10 +58,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu", direction: str = "G_mr2ct") -> tuple[torch.nn.Module, Config, dict[str, Any]]:
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, dict[str, Any]]:
     """The MR-to-CT generator of a checkpoint or run folder, in eval mode, with its config.
 
-    A run trained with ``train.ema`` gives the moving average of its G_mr2ct weights.
     Returns ``(generator, config, checkpoint)``.
     """
     from medcycle.networks import build_generator
@@ -69,10 +68,9 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu", directi
     state = load_checkpoint(path)
     config = Config.from_dict(state["config"]).validate()
     model = config.model
-    generator = build_generator(model.generator, config.data.context_slices, model.gen_width, model.gen_blocks)
+    generator = build_generator(config.data.context_slices, model.gen_width, model.gen_blocks)
     try:
-        averaged = (state.get("ema") or {}).get(direction)
-        generator.load_state_dict(averaged if averaged is not None else state["nets"][direction])
+        generator.load_state_dict(state["nets"]["G_mr2ct"])
     except (KeyError, RuntimeError) as exc:
         raise InputError(f"{path}: generator weights do not match its config ({type(exc).__name__})") from None
     return generator.to(device).eval(), config, state

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +39,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """Generator and discriminator architecture."""
+    """Generator (the CycleGAN ResNet generator) and discriminator (PatchGAN) sizes."""
 
-    generator: Literal["resnet", "unet"] = "resnet"
     gen_width: int = 64
     gen_blocks: int = 9
     disc_width: int = 64
@@ -54,13 +54,9 @@ class LossConfig:
     pairing: Literal["unpaired", "paired", "hybrid"] = "unpaired"
     adversarial: float = 1.0
     cycle: float = 10.0  # lambda of the cycle-consistency L1
-    cycle_noise: float = 0.0  # std of Gaussian noise on each translation before the reverse generator ([-1, 1] units)
     identity: float = 0.5  # times `cycle`, as in the reference implementation
     structure: float = 0.0  # MIND structure loss between MR and sCT (Yang et al. 2018)
-    structure_sigma: float = 0.5  # MIND patch Gaussian sigma in pixels (Heinrich et al. 2012); larger: less noise-driven
-    gradient: float = 0.0  # gradient-consistency loss between MR and sCT (Hiasa et al. 2018)
     paired: float = 10.0  # L1 between sCT and registered CT when pairing is paired or hybrid
-    paired_ssim: float = 0.0  # optional SSIM term on registered pairs
 
 
 @dataclass
@@ -70,12 +66,10 @@ class TrainConfig:
     iterations: int = 20000
     max_minutes: Optional[float] = None  # stop on a wall-clock budget; the schedule follows it
     batch_size: int = 1
-    crop_size: int = 0  # train on random crops of this side of the cached tiles; 0 = the whole tile
     lr: float = 2e-4
     betas: tuple[float, float] = (0.5, 0.999)
     decay_from: float = 0.5  # fraction of the run after which the lr decays linearly to zero
     pool_size: int = 50
-    ema: float = 0.0  # decay of a moving average of the MR-to-CT generator's weights (0 = off), used to convert
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -111,7 +105,8 @@ class Config:
     def validate(self) -> "Config":
         """Refuse impossible values with a message naming the key."""
         d, m, t, lo = self.data, self.model, self.train, self.loss
-        _check(d.tile_size >= 16 and d.tile_size % 4 == 0, "data.tile_size", "must be a multiple of 4 and >= 16", d.tile_size)
+        _check(16 <= d.tile_size <= MAX_TILE_SIZE and d.tile_size % 4 == 0, "data.tile_size",
+               f"must be a multiple of 4 in [16, {MAX_TILE_SIZE}]", d.tile_size)
         _check(d.context_slices >= 1 and d.context_slices % 2 == 1, "data.context_slices", "must be an odd number >= 1", d.context_slices)
         _check(all(s > 0 for s in d.spacing), "data.spacing", "must be > 0", list(d.spacing))
         _check(0 <= d.mr_percentiles[0] < d.mr_percentiles[1] <= 100, "data.mr_percentiles", "must be 0 <= low < high <= 100", list(d.mr_percentiles))
@@ -123,28 +118,64 @@ class Config:
                "inside (-1, 1)", [list(k) for k in d.ct_knots])
         _check(0 <= d.min_body_fraction < 1, "data.min_body_fraction", "must be in [0, 1)", d.min_body_fraction)
         _check(d.val_cases >= 0, "data.val_cases", "must be >= 0", d.val_cases)
-        _check(d.orientation.upper() == d.orientation and len(d.orientation) == 3, "data.orientation", "must be three axis codes such as RAS", d.orientation)
+        _check(_is_axis_codes(d.orientation), "data.orientation", "must be three axis codes, one each of L/R, A/P and S/I, "
+               "such as RAS", d.orientation)
         _check(m.gen_width >= 1 and m.disc_width >= 1, "model.gen_width", "and model.disc_width must be >= 1", m.gen_width)
         _check(m.gen_blocks >= 0, "model.gen_blocks", "must be >= 0", m.gen_blocks)
         _check(m.disc_layers >= 1, "model.disc_layers", "must be >= 1", m.disc_layers)
-        for name in ("adversarial", "cycle", "identity", "structure", "gradient", "paired", "paired_ssim"):
+        for name in ("adversarial", "cycle", "identity", "structure", "paired"):
             _check(getattr(lo, name) >= 0, f"loss.{name}", "must be >= 0", getattr(lo, name))
-        _check(lo.structure_sigma > 0, "loss.structure_sigma", "must be > 0 (pixels)", lo.structure_sigma)
-        _check(lo.cycle_noise >= 0, "loss.cycle_noise", "must be >= 0 (a standard deviation)", lo.cycle_noise)
         _check(t.iterations >= 1, "train.iterations", "must be >= 1", t.iterations)
         _check(t.max_minutes is None or t.max_minutes > 0, "train.max_minutes", "must be > 0", t.max_minutes)
         _check(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
-        _check(t.crop_size == 0 or (16 <= t.crop_size <= d.tile_size and t.crop_size % 4 == 0), "train.crop_size",
-               f"must be 0 (whole tiles) or a multiple of 4 in [16, data.tile_size={d.tile_size}]", t.crop_size)
-        _check(t.lr > 0, "train.lr", "must be > 0", t.lr)
+        _check(0 < t.lr <= MAX_LR, "train.lr", f"must be in (0, {MAX_LR:g}] (the published CycleGAN uses 2e-4)", t.lr)
         _check(all(0 <= b < 1 for b in t.betas), "train.betas", "must be in [0, 1)", list(t.betas))
         _check(0 <= t.decay_from <= 1, "train.decay_from", "must be in [0, 1]", t.decay_from)
         _check(t.pool_size >= 0, "train.pool_size", "must be >= 0", t.pool_size)
-        _check(0 <= t.ema < 1, "train.ema", "must be in [0, 1) (0 = off; 0.999 averages ~1000 iterations)", t.ema)
         _check(t.workers >= 0, "train.workers", "must be >= 0", t.workers)
         for name in ("log_every", "image_every", "val_every", "checkpoint_every", "val_max_tiles"):
             _check(getattr(t, name) >= 1, f"train.{name}", "must be >= 1", getattr(t, name))
         return self
+
+
+#: keys deleted in medcycle 0.2, with the value that meant "off" (still accepted, so that the configs of
+#: older runs and checkpoints load) and why each went
+REMOVED_KEYS: dict[str, tuple[Any, str]] = {
+    "model.generator": ("resnet", "the U-Net generator measured worse than the ResNet one"),
+    "loss.cycle_noise": (0.0, "it measured no gain"),
+    "loss.gradient": (0.0, "the gradient-consistency loss measured worse"),
+    "loss.structure_sigma": (0.5, "MIND keeps the paper's 0.5 px; 1.0 measured no gain"),
+    "loss.paired_ssim": (0.0, "no recipe used it and it had no measured gain"),
+    "train.crop_size": (0, "crops measured worse than whole tiles"),
+    "train.ema": (0.0, "the weight average measured no gain"),
+}
+
+
+def _drop_removed(values: dict[str, Any], names: set[str], section: str) -> dict[str, Any]:
+    """`values` without the :data:`REMOVED_KEYS` of `section` that hold their old 'off' value; refuse other values."""
+    kept = {}
+    for name, value in values.items():
+        key = f"{section}.{name}" if section else name
+        if name in names or key not in REMOVED_KEYS:
+            kept[name] = value
+            continue
+        off, why = REMOVED_KEYS[key]
+        if value != off or type(value) is bool:
+            raise UsageError(f"config: {key} was removed in medcycle 0.2 ({why}); this config sets {value!r}, "
+                             f"only {off!r} can still be read")
+    return kept
+
+
+#: the largest tile side: 1024 px is 1 m at 1 mm, far beyond any body section
+MAX_TILE_SIZE = 1024
+#: the largest learning rate: Adam's steps are about lr in size, and weights live near 0.02
+MAX_LR = 1.0
+_AXIS = {"L": 0, "R": 0, "A": 1, "P": 1, "S": 2, "I": 2}
+
+
+def _is_axis_codes(code: str) -> bool:
+    """True for an orientation such as RAS or LPS: one code of each anatomical axis."""
+    return len(code) == 3 and all(c in _AXIS for c in code) and sorted(_AXIS[c] for c in code) == [0, 1, 2]
 
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -160,6 +191,7 @@ def _build(kind: Any, value: Any, key: str) -> Any:
             raise UsageError(f"config: {key or 'the file'} must be a mapping, got {value!r}")
         hints = typing.get_type_hints(kind)
         names = {f.name for f in dataclasses.fields(kind)}
+        value = _drop_removed(value, names, key)
         unknown = sorted(set(value) - names)
         if unknown:
             where = f"{key}." if key else ""
@@ -200,6 +232,8 @@ def _build(kind: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"config: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UsageError(f"config: {key} must be a finite number, got {value!r}")
         return float(value)
     if kind is str:
         if not isinstance(value, str):
@@ -218,7 +252,33 @@ def _apply_override(tree: dict[str, Any], assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise UsageError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = yaml.safe_load(text)
+    try:
+        node[parts[-1]] = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--set {key}: {text!r} is not valid YAML ({_yaml_problem(exc)})") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's SafeLoader, refusing a mapping that names a key twice (SafeLoader keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: list[Any] = []
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # '<<' merges may override keys on purpose
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.append(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a yaml error: its problem and where (line, column)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        return f"{exc.problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else exc.problem
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 #: the configs shipped inside the package (``medcycle/configs/<name>.yaml``)
@@ -241,30 +301,38 @@ def find_config(name_or_path: str | Path) -> Path:
     raise UsageError(f"config file not found: {path} (built-in configs: {', '.join(builtin_configs())})")
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Read a YAML config (a path or a built-in name; defaults when None), apply ``KEY=VALUE`` overrides, validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = find_config(path)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(tree, dict):
-            raise UsageError(f"{path}: the top level must be a mapping of sections")
+def resolve_config(config: Config | str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """The validated config of a run: `config` (a :class:`Config`, a YAML path, a built-in name such as
+    ``demo_cpu``, or None for the defaults) with ``KEY=VALUE`` `overrides` applied in order."""
+    if isinstance(config, Config):
+        tree = config.to_dict()
+    elif config is None or isinstance(config, (str, Path)):
+        tree = {} if config is None else _read_yaml(find_config(config))
+    else:
+        raise UsageError(f"config must be a Config, a YAML file or a built-in name, got {type(config).__name__}")
     for assignment in overrides:
         _apply_override(tree, assignment)
     return Config.from_dict(tree).validate()
 
 
-def resolve_config(config: Any = None, overrides: Iterable[str] = ()) -> Config:
-    """A validated Config from a Config, a YAML path, a built-in name or None (defaults), with ``KEY=VALUE`` overrides."""
-    if isinstance(config, Config):
-        tree = config.to_dict()
-        for assignment in overrides:
-            _apply_override(tree, assignment)
-        return Config.from_dict(tree).validate()
-    return load_config(config, overrides)
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (a path or a built-in name; defaults when None), apply ``KEY=VALUE`` overrides, validate."""
+    return resolve_config(path, overrides)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping of sections in the YAML file `path`; refuse anything else in one line naming the file."""
+    try:
+        tree = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a YAML config (not UTF-8 text; a binary file?)") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
+    if not isinstance(tree, dict):
+        raise UsageError(f"{path}: the top level must be a mapping of sections")
+    return tree
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -7,21 +7,18 @@
   descriptor for multi-modal deformable registration", Medical Image Analysis 16(7), 2012) of the MR and
   the synthetic CT, the structure-consistency loss of Yang et al., "Unpaired Brain MR-to-CT Synthesis
   using a Structure-Constrained CycleGAN" (DLMIA, MICCAI workshops 2018).
-* Gradient consistency: 1 - gradient correlation (Hiasa et al., "Cross-modality image synthesis from
-  unpaired data using CycleGAN: Effects of gradient consistency loss and training data size",
-  SASHIMI, MICCAI workshops 2018; gradient correlation after Penney et al., IEEE TMI 1998).
 * ``ImagePool``: the history of generated images shown to the discriminators (Shrivastava et al.,
   "Learning from Simulated and Unsupervised Images through Adversarial Training", CVPR 2017), with the
   size-50 buffer of the CycleGAN reference implementation.
 
-The structure and gradient losses are computed in float32 (outside autocast) on ``(B, C, H, W)``
-batches; each channel is treated as a separate 2D image.
+The structure loss is computed in float32 (outside autocast) on ``(B, C, H, W)`` batches; each
+channel is treated as a separate 2D image.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +26,8 @@ from monai.losses import PatchAdversarialLoss
 from torch import nn
 
 __all__ = [
-    "GradientConsistencyLoss",
     "ImagePool",
+    "MIND_SIGMA",
     "MINDLoss",
     "adversarial_loss",
     "discriminator_adv_loss",
@@ -67,17 +64,10 @@ def discriminator_adv_loss(
 # MIND structure loss
 # --------------------------------------------------------------------------------------------------
 
-Neighbourhood = Literal["four", "six", "dense"]
-
-
-def _offsets(neighbourhood: str, radius: int) -> list[tuple[int, int]]:
-    """Search offsets ``(dy, dx)``: the 4-neighbourhood at distance ``radius`` or all in the square."""
-    if neighbourhood in ("four", "six"):
-        return [(-radius, 0), (radius, 0), (0, -radius), (0, radius)]
-    if neighbourhood == "dense":
-        span = range(-radius, radius + 1)
-        return [(dy, dx) for dy in span for dx in span if (dy, dx) != (0, 0)]
-    raise ValueError(f"unknown MIND neighbourhood {neighbourhood!r}; expected 'four' ('six') or 'dense'")
+#: standard deviation (pixels) of the Gaussian patch weighting: the MIND paper's; 1.0 measured no gain
+MIND_SIGMA = 0.5
+#: the four nearest neighbours (the 2D six-neighbourhood of Heinrich et al.), as ``(dy, dx)``
+_NEIGHBOURS = ((-1, 0), (1, 0), (0, -1), (0, 1))
 
 
 def _gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -88,11 +78,11 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
     return k / k.sum()
 
 
-def _shift(img: torch.Tensor, dy: int, dx: int, pad: int) -> torch.Tensor:
-    """``out[y, x] = img[y + dy, x + dx]`` with replicated borders; ``img`` is ``(N, 1, H, W)``."""
+def _shift(img: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``out[y, x] = img[y + dy, x + dx]`` (|dy|, |dx| <= 1) with replicated borders; ``img`` is ``(N, 1, H, W)``."""
     h, w = img.shape[-2:]
-    p = F.pad(img, (pad, pad, pad, pad), mode="replicate")
-    return p[..., pad + dy : pad + dy + h, pad + dx : pad + dx + w]
+    p = F.pad(img, (1, 1, 1, 1), mode="replicate")
+    return p[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
 
 
 def _smooth(img: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
@@ -105,46 +95,32 @@ def _smooth(img: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(img, (0, 0, r, r), mode="replicate"), ky, groups=m)
 
 
-def mind_descriptor(
-    image: torch.Tensor, radius: int = 1, sigma: float = 0.5, neighbourhood: Neighbourhood = "four"
-) -> torch.Tensor:
-    """MIND descriptor of 2D images (Heinrich et al. 2012, Eq. 4).
+def mind_descriptor(image: torch.Tensor) -> torch.Tensor:
+    """MIND descriptor of 2D images over the four nearest neighbours (Heinrich et al. 2012, Eq. 4).
 
     ``MIND(I, x, r) = exp(-D_p(I, x, x + r) / V(I, x)) / max_r(...)`` where ``D_p`` is the
-    Gaussian-weighted (``sigma``) patch SSD between the patch at x and at x + r, and ``V`` the mean of
-    ``D_p`` over the four nearest neighbours (the 2D six-neighbourhood). ``V`` is clamped to
-    ``[1e-3, 1e3] * mean(V)`` per image -- relative bounds, so that the descriptor is exactly invariant
-    to affine intensity changes ``a * I + b`` (Heinrich's code uses ``sqrt(mean V)`` and ``mean(V)^2``)
-    -- and flat images get an all-ones descriptor.
+    Gaussian-weighted (:data:`MIND_SIGMA`) patch SSD between the patch at x and at x + r, and ``V`` the
+    mean of ``D_p`` over the four neighbours. ``V`` is clamped to ``[1e-3, 1e3] * mean(V)`` per image --
+    relative bounds, so that the descriptor is exactly invariant to affine intensity changes
+    ``a * I + b`` (Heinrich's code uses ``sqrt(mean V)`` and ``mean(V)^2``) -- and flat images get an
+    all-ones descriptor.
 
     Args:
         image: ``(B, C, H, W)``; each channel is one image.
-        radius: distance of the four neighbours, or half-width of the dense search square.
-        sigma: standard deviation (pixels) of the Gaussian patch weighting.
-        neighbourhood: ``"four"`` (alias ``"six"``, its 3D name) or ``"dense"``.
 
     Returns:
-        ``(B, C, R, H, W)`` float32 descriptor in (0, 1], R = number of search offsets.
+        ``(B, C, 4, H, W)`` float32 descriptor in (0, 1].
     """
     if image.ndim != 4:
         raise ValueError(f"MIND expects (B, C, H, W), got shape {tuple(image.shape)}")
-    if radius < 1 or sigma <= 0:
-        raise ValueError(f"MIND needs radius >= 1 and sigma > 0, got radius={radius} sigma={sigma}")
     b, c, h, w = image.shape
     with torch.autocast(device_type=image.device.type, enabled=False):
         img = image.float().reshape(b * c, 1, h, w)
-        kernel = _gaussian_kernel(sigma)
-        pad = radius
-
-        def patch_ssd(offs: list[tuple[int, int]]) -> torch.Tensor:
-            diffs = torch.cat([(img - _shift(img, dy, dx, pad)) ** 2 for dy, dx in offs], dim=1)
-            return _smooth(diffs, kernel)
-
-        near = patch_ssd(_offsets("four", 1))
-        v = near.mean(dim=1, keepdim=True)
+        diffs = torch.cat([(img - _shift(img, dy, dx)) ** 2 for dy, dx in _NEIGHBOURS], dim=1)
+        d = _smooth(diffs, _gaussian_kernel(MIND_SIGMA))
+        v = d.mean(dim=1, keepdim=True)
         v_mean = v.mean(dim=(2, 3), keepdim=True)
         v = torch.minimum(torch.maximum(v, 1e-3 * v_mean), 1e3 * v_mean) + 1e-12
-        d = near if (neighbourhood in ("four", "six") and radius == 1) else patch_ssd(_offsets(neighbourhood, radius))
         # exp(-d / v) / max_r exp(-d / v) == exp(-(d - min_r d) / v): no underflow to 0 / 0
         d = d - d.amin(dim=1, keepdim=True)
         mind = torch.exp(-d / v)
@@ -152,79 +128,13 @@ def mind_descriptor(
 
 
 class MINDLoss(nn.Module):
-    """Structure loss: mean absolute difference between the MIND descriptors of two images.
-
-    Args:
-        radius: neighbour distance / search half-width (see :func:`mind_descriptor`).
-        sigma: Gaussian patch standard deviation in pixels.
-        neighbourhood: ``"four"`` (2D six-neighbourhood) or ``"dense"``.
-        channels: ``"all"`` compares every channel; ``"centre"`` only the centre (2.5D) channel.
-    """
-
-    def __init__(
-        self,
-        radius: int = 1,
-        sigma: float = 0.5,
-        neighbourhood: Neighbourhood = "four",
-        channels: Literal["all", "centre"] = "all",
-    ) -> None:
-        super().__init__()
-        _offsets(neighbourhood, max(radius, 1))  # validate
-        if channels not in ("all", "centre"):
-            raise ValueError(f"MINDLoss channels must be 'all' or 'centre', got {channels!r}")
-        self.radius, self.sigma, self.neighbourhood, self.channels = radius, sigma, neighbourhood, channels
+    """Structure loss: mean absolute difference between the MIND descriptors of two images (every channel)."""
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """L1 between ``MIND(source)`` and ``MIND(target)``, both ``(B, C, H, W)``; returns a scalar."""
         if source.shape != target.shape:
             raise ValueError(f"MINDLoss shapes differ: {tuple(source.shape)} vs {tuple(target.shape)}")
-        if self.channels == "centre":
-            mid = source.shape[1] // 2
-            source, target = source[:, mid : mid + 1], target[:, mid : mid + 1]
-        a = mind_descriptor(source, self.radius, self.sigma, self.neighbourhood)
-        b = mind_descriptor(target, self.radius, self.sigma, self.neighbourhood)
-        return (a - b).abs().mean()
-
-
-# --------------------------------------------------------------------------------------------------
-# Gradient consistency
-# --------------------------------------------------------------------------------------------------
-
-
-def _ncc(a: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalised cross-correlation per image of ``(N, H, W)`` tensors -> ``(N,)``."""
-    a = a - a.mean(dim=(1, 2), keepdim=True)
-    b = b - b.mean(dim=(1, 2), keepdim=True)
-    num = (a * b).sum(dim=(1, 2))
-    den = torch.sqrt((a * a).sum(dim=(1, 2)) * (b * b).sum(dim=(1, 2)) + eps)
-    return num / den
-
-
-class GradientConsistencyLoss(nn.Module):
-    """Hiasa et al. 2018: ``1 - GC(A, B)``, ``GC = (NCC(dA/dx, dB/dx) + NCC(dA/dy, dB/dy)) / 2``.
-
-    Gradients are forward differences; the NCC is computed per image (per batch item and channel)
-    and the loss averaged. 0 for ``B = a * A + b`` with ``a > 0``; in [0, 2]. ``eps`` keeps flat images
-    finite (their correlation counts as 0).
-    """
-
-    def __init__(self, eps: float = 1e-8) -> None:
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss between ``(B, C, H, W)`` batches ``source`` and ``target``; returns a scalar."""
-        if source.shape != target.shape or source.ndim != 4:
-            raise ValueError(
-                "GradientConsistencyLoss needs equal (B, C, H, W) shapes: "
-                f"{tuple(source.shape)} vs {tuple(target.shape)}"
-            )
-        with torch.autocast(device_type=source.device.type, enabled=False):
-            a = source.float().flatten(0, 1)
-            b = target.float().flatten(0, 1)
-            gx = _ncc(a[:, :, 1:] - a[:, :, :-1], b[:, :, 1:] - b[:, :, :-1], self.eps)
-            gy = _ncc(a[:, 1:, :] - a[:, :-1, :], b[:, 1:, :] - b[:, :-1, :], self.eps)
-            return 1.0 - 0.5 * (gx + gy).mean()
+        return (mind_descriptor(source) - mind_descriptor(target)).abs().mean()
 
 
 # --------------------------------------------------------------------------------------------------

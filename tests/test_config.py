@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medcycle.config import Config, config_hash, load_config, save_config
+from medcycle.config import REMOVED_KEYS, Config, config_hash, load_config, save_config
 from medcycle.errors import UsageError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -41,10 +41,7 @@ def test_overrides_apply_with_yaml_types():
         ("data.tile_size=30", "data.tile_size must be a multiple of 4"),
         ("data.context_slices=2", "data.context_slices must be an odd number"),
         ("loss.pairing=both", "loss.pairing must be one of unpaired, paired, hybrid"),
-        ("train.lr=-1", "train.lr must be > 0"),
-        ("train.ema=1", "train.ema must be in .0, 1. .0 = off"),
-        ("loss.structure_sigma=0", "loss.structure_sigma must be > 0"),
-        ("loss.cycle_noise=-0.1", "loss.cycle_noise must be >= 0"),
+        ("train.lr=-1", r"train.lr must be in \(0, 1\]"),
         ("data.ct_window=[3000, -1024]", "data.ct_window must be low < high"),
         ("data.ct_knots=[[200, -0.3], [-200, -0.85]]", "data.ct_knots must be .HU, value. pairs with HU rising"),
         ("data.ct_knots=[[-200, -0.3], [200, -0.85]]", "data.ct_knots must be .HU, value. pairs .* values rising"),
@@ -91,3 +88,36 @@ def test_config_hash_tracks_values():
     assert config_hash(a.data) == config_hash(load_config().data)
     assert config_hash(a.data) != config_hash(b.data)
     assert config_hash(a.data) == config_hash(a.to_dict()["data"])
+
+
+def test_removed_keys_are_read_when_off_and_refused_otherwise():
+    """Runs and checkpoints of medcycle 0.1 hold the keys deleted in 0.2: their 'off' values still load."""
+    old = Config().to_dict()
+    for key, (off, _) in REMOVED_KEYS.items():
+        section, name = key.split(".")
+        old[section][name] = off
+    assert Config.from_dict(old) == Config()
+    with pytest.raises(UsageError, match=r"^config: loss.cycle_noise was removed in medcycle 0.2 \(it measured no gain\); "
+                                         r"this config sets 0.1, only 0.0 can still be read$"):
+        Config.from_dict({**old, "loss": {**old["loss"], "cycle_noise": 0.1}})
+    for assignment in ("model.generator=unet", "train.ema=0.999", "train.crop_size=64", "loss.gradient=1",
+                       "loss.paired_ssim=1", "loss.structure_sigma=1.0", "train.ema=false"):
+        with pytest.raises(UsageError, match=f"config: {assignment.split('=')[0]} was removed in medcycle 0.2"):
+            load_config(None, [assignment])
+    assert load_config(None, ["train.crop_size=0", "model.generator=resnet"]) == Config()
+
+
+def test_resolve_config_takes_a_config_a_path_a_builtin_name_or_nothing(tmp_path):
+    from medcycle.config import find_config, resolve_config
+
+    base = resolve_config(None, ["model.gen_width=8"])
+    assert base == load_config(None, ["model.gen_width=8"])
+    derived = resolve_config(base, ["train.lr=1e-3"])
+    assert derived.model.gen_width == 8 and derived.train.lr == 1e-3 and base.train.lr == 2e-4  # base unchanged
+    assert resolve_config("demo_cpu") == load_config(find_config("demo_cpu"))
+    save_config(derived, tmp_path / "run.yaml")
+    assert resolve_config(tmp_path / "run.yaml") == derived and resolve_config(str(tmp_path / "run.yaml")) == derived
+    with pytest.raises(UsageError, match=r"train.lr must be in \(0, 1\]"):
+        resolve_config(base, ["train.lr=0"])
+    with pytest.raises(UsageError, match="config must be a Config, a YAML file or a built-in name, got dict"):
+        resolve_config({"train": {}})

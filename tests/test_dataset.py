@@ -123,7 +123,7 @@ def test_paired_without_paired_training_cases_is_refused(tmp_path):
 
 
 def test_hybrid_adds_registered_partners_where_the_case_is_paired(mixed):
-    ds = dataset(mixed, pairing="hybrid", augment=True, crop_size=24, seed=1)
+    ds = dataset(mixed, pairing="hybrid", augment=True, seed=1)
     flags = {True: 0, False: 0}
     for i in range(len(ds)):
         item = ds[(2, i, i)]
@@ -144,26 +144,24 @@ def test_hybrid_adds_registered_partners_where_the_case_is_paired(mixed):
 
 
 def test_augmentation_is_the_same_for_a_registered_pair_and_reproducible(mixed):
-    ds = dataset(mixed, pairing="paired", augment=True, crop_size=16, seed=5)
+    ds = dataset(mixed, pairing="paired", augment=True, seed=5)
     changed = 0
     for i in range(len(ds)):
         item = ds[(0, i, i)]
-        assert item["mr"].shape == item["ct"].shape == (1, 16, 16)
-        torch.testing.assert_close(item["ct"], -item["mr"], rtol=0, atol=0)  # same flip, affine and crop
+        assert item["mr"].shape == item["ct"].shape == (1, SIZE, SIZE)  # whole tiles, never cropped
+        torch.testing.assert_close(item["ct"], -item["mr"], rtol=0, atol=0)  # same flip and affine
         again = ds[(0, i, i)]
         torch.testing.assert_close(again["mr"], item["mr"], rtol=0, atol=0)
-        tile = torch.from_numpy(raw(mixed, *ds.mr_refs[i], "mr"))
-        crops = [tile[:, y:y + 16, x:x + 16] for y in range(17) for x in range(17)]
-        changed += not any(torch.equal(item["mr"], c) for c in crops)  # flipped / rotated / scaled
+        changed += not torch.equal(item["mr"], torch.from_numpy(raw(mixed, *ds.mr_refs[i], "mr")))  # flipped / rotated / scaled
     assert changed >= 3
-    other_seed = dataset(mixed, pairing="paired", augment=True, crop_size=16, seed=6)
+    other_seed = dataset(mixed, pairing="paired", augment=True, seed=6)
     assert any(not torch.equal(other_seed[(0, i, i)]["mr"], ds[(0, i, i)]["mr"]) for i in range(len(ds)))
 
 
 def test_unpaired_ct_gets_its_own_augmentation(mixed):
     from medcycle.data import dataset as module
 
-    ds = dataset(mixed, augment=True, crop_size=16, seed=2)
+    ds = dataset(mixed, augment=True, seed=2)
     own = shared = 0
     for i in range(len(ds)):
         item = ds[(0, i, i)]
@@ -175,8 +173,8 @@ def test_unpaired_ct_gets_its_own_augmentation(mixed):
     assert own == len(ds) and shared < len(ds) // 2
 
 
-def test_without_augmentation_and_crop_the_tiles_are_unchanged(mixed):
-    ds = dataset(mixed, augment=False, crop_size=0)
+def test_without_augmentation_the_tiles_are_unchanged(mixed):
+    ds = dataset(mixed, augment=False)
     item = ds[(4, 0, 7)]
     np.testing.assert_array_equal(item["mr"].numpy(), raw(mixed, *ds.mr_refs[7], "mr"))
     assert item["mr"].dtype == torch.float32 and item["mr"].shape == (1, SIZE, SIZE)
@@ -215,7 +213,7 @@ def test_ranks_take_disjoint_shards_of_the_same_permutation():
 
 
 def test_loader_with_workers_gives_the_same_batches(mixed):
-    ds = dataset(mixed, pairing="hybrid", augment=True, crop_size=16, seed=9)
+    ds = dataset(mixed, pairing="hybrid", augment=True, seed=9)
 
     def batches(workers: int) -> list[dict]:
         loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=EpochSampler(len(ds), 9, 4), num_workers=workers,

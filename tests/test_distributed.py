@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from medcycle.checkpoint import load_checkpoint
 from test_dataset import make_cache
-from test_train import QUIET, ROOT, TINY, rows
+from test_train import HANG, QUIET, ROOT, TINY, rows
 
 WORLD = 2
 
@@ -103,7 +103,7 @@ def test_ddp_averages_gradients_and_keeps_the_ranks_identical(cache, tmp_path):
     out, results = tmp_path / "run", tmp_path / "results"
     results.mkdir()
     overrides = [*QUIET, "train.iterations=6", "train.batch_size=2", "train.val_every=3", "train.checkpoint_every=3",
-                 "loss.pairing=hybrid", "loss.gradient=1"]
+                 "loss.pairing=hybrid", "loss.structure=1"]
     mp.spawn(_worker, args=(_free_port(), str(cache), str(out), overrides, str(results), True), nprocs=WORLD, join=True)
     reports = _reports(results)
     assert all(r["grad_error"] < 1e-5 for r in reports), reports
@@ -129,13 +129,13 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_iteration(cache, tmp_p
     context = mp.spawn(_worker, args=(_free_port(), str(cache), str(out), [*QUIET, "train.iterations=100000"], str(results),
                                       False), nprocs=WORLD, join=False)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + HANG
         while not ((out / "losses.csv").is_file() and len(rows(out / "losses.csv")) >= 3):
             assert time.monotonic() < deadline and all(p.is_alive() for p in context.processes)
             time.sleep(0.05)
         os.kill(context.processes[1].pid, signal.SIGTERM)  # rank 1 only
         for process in context.processes:
-            process.join(60)
+            process.join(HANG)
             assert not process.is_alive()
     finally:
         for process in context.processes:
@@ -155,7 +155,7 @@ def test_torchrun_cli_writes_one_run_and_stops_all_ranks_on_the_wall_clock(cache
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
                              "-m", "medcycle", "train", "--data", str(cache), "--out", str(run), *sets],
-                            cwd=ROOT, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
+                            cwd=ROOT, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=HANG)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("train: finished at iteration") == 1  # rank 0 reports
     state = load_checkpoint(run / "last.pt")

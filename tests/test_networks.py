@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
@@ -21,10 +19,9 @@ except ModuleNotFoundError:  # `pytest` run without the repository root on sys.p
     from reference_cyclegan import NLayerDiscriminator, ResnetGenerator, n_params  # type: ignore[no-redef]
 
 
-@pytest.mark.parametrize("kind", ["resnet", "unet"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_generator_shape_and_range(kind: str, k: int) -> None:
-    g = build_generator(kind, k, width=4, n_blocks=1)
+def test_generator_shape_and_range(k: int) -> None:
+    g = build_generator(k, width=4, n_blocks=1)
     x = torch.rand(2, k, 24, 32) * 2 - 1
     y = g(x)
     assert y.shape == x.shape
@@ -35,11 +32,11 @@ def test_generator_shape_and_range(kind: str, k: int) -> None:
 
 @pytest.mark.parametrize("width,blocks,k", [(32, 6, 1), (64, 9, 1), (64, 9, 3), (8, 0, 3)])
 def test_resnet_parameter_count_matches_reference(width: int, blocks: int, k: int) -> None:
-    assert n_params(build_generator("resnet", k, width, blocks)) == n_params(ResnetGenerator(k, k, width, blocks))
+    assert n_params(build_generator(k, width, blocks)) == n_params(ResnetGenerator(k, k, width, blocks))
 
 
 def test_resnet_matches_reference_numerically() -> None:
-    ours, ref = build_generator("resnet", 3, width=4, n_blocks=2), ResnetGenerator(3, 3, ngf=4, n_blocks=2)
+    ours, ref = build_generator(3, width=4, n_blocks=2), ResnetGenerator(3, 3, ngf=4, n_blocks=2)
     pairs = list(zip(ours.parameters(), ref.parameters(), strict=True))
     with torch.no_grad():
         for a, b in pairs:
@@ -79,7 +76,7 @@ def test_phase_shuffle_conv_equals_the_plain_convolution(out_channels: int, phas
 def test_resnet_generator_last_layer_takes_the_phase_path() -> None:
     from medcycle.networks.generators import PhaseShuffleConv2d
 
-    g = build_generator("resnet", 1, width=4, n_blocks=1)
+    g = build_generator(1, width=4, n_blocks=1)
     heads = [m for m in g.modules() if isinstance(m, PhaseShuffleConv2d)]
     assert len(heads) == 1 and heads[0].phases == 4
     assert all(not name.endswith("phase_index") for name in g.state_dict())  # checkpoints keep their keys
@@ -95,12 +92,11 @@ def test_resnet_generator_last_layer_takes_the_phase_path() -> None:
 
 def test_known_reference_count() -> None:
     # pytorch-CycleGAN-and-pix2pix prints "Total number of parameters : 11.378 M" for RGB resnet_9blocks
-    assert n_params(build_generator("resnet", 3)) == 11_378_179
+    assert n_params(build_generator(3)) == 11_378_179
 
 
-@pytest.mark.parametrize("kind", ["resnet", "unet"])
-def test_generator_channels_last_and_bf16_autocast(kind: str) -> None:
-    g = build_generator(kind, 3, width=4, n_blocks=1).to(memory_format=torch.channels_last)
+def test_generator_channels_last_and_bf16_autocast() -> None:
+    g = build_generator(3, width=4, n_blocks=1).to(memory_format=torch.channels_last)
     x = (torch.rand(1, 3, 16, 16) * 2 - 1).to(memory_format=torch.channels_last)
     ref = g(x.contiguous())
     y = g(x)
@@ -111,14 +107,12 @@ def test_generator_channels_last_and_bf16_autocast(kind: str) -> None:
     z.float().mean().backward()
 
 
-def test_generator_from_config_and_errors() -> None:
-    cfg = types.SimpleNamespace(generator="unet", gen_width=4, gen_blocks=9, disc_width=4, disc_layers=2)
-    assert type(build_generator(cfg, 1)).__name__ == "UNetGenerator"
-    d = build_discriminator(cfg, 3)
+def test_network_sizes_and_errors() -> None:
+    d = build_discriminator(3, width=4, n_layers=2)
     side = patchgan_output_size(32, 2)
     assert d(torch.zeros(1, 3, 32, 32)).shape == (1, 1, side, side)
-    with pytest.raises(ValueError, match="unknown generator kind"):
-        build_generator("vit", 1)
+    with pytest.raises(ValueError, match="generator channels must be >= 1"):
+        build_generator(0)
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -30,6 +30,9 @@ from test_dataset import make_cache
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.tile_size=32", "data.val_cases=1", "model.gen_width=4", "model.gen_blocks=1", "model.disc_width=4",
         "train.workers=0", "train.pool_size=3"]
+#: seconds after which a waiting test gives up: only a hang takes that long, but on a shared 2-core machine
+#: starting a process that imports torch and MONAI can take a minute
+HANG = 600
 QUIET = ["train.log_every=1", "train.val_every=1000", "train.image_every=1000", "train.checkpoint_every=1000"]
 
 
@@ -48,7 +51,7 @@ def rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def cli(*args: str, timeout: float = 120, **popen) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = HANG, **popen) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "medcycle", "train", *args], cwd=ROOT, env=env, capture_output=True,
                           encoding="utf-8", errors="replace", timeout=timeout, **popen)
@@ -75,7 +78,10 @@ def test_cli_run_writes_checkpoints_logs_images_and_tracks_the_best_model(cache,
     manifest = load_manifest(cache)
     assert state["format"] == "medcycle-checkpoint" and state["version"] == 1
     assert state["config"] == config and state["iteration"] == 12 and state["elapsed"] > 0
-    assert state["preprocessing"] == {"data_config": manifest["data_config"], "data_config_hash": manifest["data_config_hash"]}
+    from medcycle.data.dataset import cases_fingerprint
+
+    assert state["preprocessing"] == {"data_config": manifest["data_config"], "data_config_hash": manifest["data_config_hash"],
+                                      "cases_hash": cases_fingerprint(cache, manifest)}
     assert set(state["nets"]) == {"G_mr2ct", "G_ct2mr", "D_ct", "D_mr"}
     assert set(state["optimizers"]) == set(state["schedulers"]) == {"G", "D"}
     assert set(state["pools"]) == {"ct", "mr"} and state["pools"]["ct"]["images"].shape[0] == 3
@@ -146,8 +152,8 @@ def test_networks_learn_and_losses_decrease(cache):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_bit_identical_to_a_straight_run(cache, tmp_path, workers):
-    settings = ["train.deterministic=true", f"train.workers={workers}", "train.batch_size=2", "train.crop_size=24",
-                "train.decay_from=0.3", "loss.pairing=hybrid", "loss.structure=0.5", "train.ema=0.9", "train.checkpoint_every=3",
+    settings = ["train.deterministic=true", f"train.workers={workers}", "train.batch_size=2",
+                "train.decay_from=0.3", "loss.pairing=hybrid", "loss.structure=0.5", "train.checkpoint_every=3",
                 "train.val_every=2", "train.log_every=1", "train.image_every=1000", "train.pool_size=2"]
     straight = train(cache, tmp_path / "straight", *settings, max_iters=10)
     first = train(cache, tmp_path / "resumed", *settings, max_iters=10, stop_after=5)
@@ -161,8 +167,6 @@ def test_resume_is_bit_identical_to_a_straight_run(cache, tmp_path, workers):
             assert torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
     assert torch.equal(a["pools"]["ct"]["images"], b["pools"]["ct"]["images"])
     assert a["sampler"] == b["sampler"]
-    assert a["ema"]["n_averaged"] == b["ema"]["n_averaged"] == 10
-    assert all(torch.equal(v, b["ema"]["G_mr2ct"][k]) for k, v in a["ema"]["G_mr2ct"].items())
     # the same validations (the interrupted session also validated when it stopped, at 5)
     assert [h for h in b["metrics"]["history"] if h["iteration"] != 5] == a["metrics"]["history"]
     drop = ("elapsed_s", "it_per_s")
@@ -186,12 +190,9 @@ def test_wall_clock_budget_ends_the_run_and_drives_the_schedule(cache, tmp_path)
 
 
 @pytest.mark.parametrize("overrides, present, absent", [
-    ([], ["G_adv_ct", "G_adv_mr", "cycle_mr", "cycle_ct", "idt_ct", "idt_mr", "D_ct", "D_mr"],
-     ["structure", "gradient", "paired", "paired_ssim"]),
-    (["loss.identity=0", "loss.structure=1", "loss.gradient=1", "loss.paired=5"],
-     ["structure", "gradient", "cycle_mr"], ["idt_ct", "idt_mr", "paired", "paired_ssim"]),
-    (["loss.pairing=paired", "loss.paired_ssim=1", "loss.adversarial=0"],
-     ["paired", "paired_ssim", "cycle_ct"], ["G_adv_ct", "G_adv_mr", "D_ct", "D_mr"]),
+    ([], ["G_adv_ct", "G_adv_mr", "cycle_mr", "cycle_ct", "idt_ct", "idt_mr", "D_ct", "D_mr"], ["structure", "paired"]),
+    (["loss.identity=0", "loss.structure=1", "loss.paired=5"], ["structure", "cycle_mr"], ["idt_ct", "idt_mr", "paired"]),
+    (["loss.pairing=paired", "loss.adversarial=0"], ["paired", "cycle_ct"], ["G_adv_ct", "G_adv_mr", "D_ct", "D_mr"]),
     (["loss.pairing=hybrid", "loss.cycle=0"], ["paired", "G_adv_ct"], ["cycle_mr", "cycle_ct", "idt_ct", "idt_mr"]),
 ])
 def test_loss_terms_are_logged_exactly_when_on(cache, tmp_path, overrides, present, absent):
@@ -205,35 +206,31 @@ def test_loss_terms_are_logged_exactly_when_on(cache, tmp_path, overrides, prese
     assert all(float(r["G"]) > 0 for r in log)
 
 
-def test_weight_average_follows_the_generator_and_is_what_conversion_loads(cache, tmp_path):
-    config = load_config(None, [*TINY, "train.ema=0.75", "train.lr=1e-2", "train.amp=none"])
-    trainer = CycleGANTrainer(config)
-    batch = {"mr": torch.rand(1, 1, 32, 32) * 2 - 1, "ct": torch.rand(1, 1, 32, 32) * 2 - 1}
-    weights = []
-    for _ in range(3):
-        trainer.set_input(batch)
-        trainer.optimize_parameters()
-        weights.append({k: v.clone() for k, v in trainer.nets["G_mr2ct"].state_dict().items()})
-    # the first update copies, each later one moves 1 - decay of the way towards the new weights
-    expected = {k: 0.75 * (0.75 * weights[0][k] + 0.25 * weights[1][k]) + 0.25 * weights[2][k] for k in weights[0]}
-    averaged = trainer.ema.module.state_dict()
-    assert all(torch.allclose(averaged[k], v, atol=1e-6) for k, v in expected.items())
-    assert not torch.allclose(averaged["model.1.conv.weight"], weights[2]["model.1.conv.weight"])
-    mr = np.random.default_rng(0).uniform(-1, 1, (2, 1, 32, 32)).astype(np.float32)
-    with torch.no_grad():
-        by_average = trainer.ema.module.eval()(torch.from_numpy(mr)).numpy()
-    np.testing.assert_allclose(trainer.translate(mr), by_average, atol=1e-6)  # validation and sheets use it
+def test_a_run_of_medcycle_0_1_with_removed_keys_resumes_and_converts(cache, tmp_path):
     from medcycle.checkpoint import save_checkpoint
+    from medcycle.config import REMOVED_KEYS
 
-    save_checkpoint(tmp_path / "c.pt", {**trainer.state_dict(), "config": config.to_dict(), "preprocessing": {}})
-    generator, _, _ = load_generator(tmp_path / "c.pt")
-    assert all(torch.equal(generator.state_dict()[k], v) for k, v in averaged.items())
+    run = tmp_path / "run"
+    train(cache, run, *QUIET, max_iters=2)
+    state, config = load_checkpoint(run / "last.pt"), yaml.safe_load((run / "config.yaml").read_text())
+    for key, (off, _) in REMOVED_KEYS.items():  # as 0.1 wrote them
+        section, name = key.split(".")
+        state["config"][section][name] = config[section][name] = off
+    save_checkpoint(run / "last.pt", state)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    generator, _, _ = load_generator(run)
+    assert torch.equal(generator.state_dict()["model.1.conv.weight"], state["nets"]["G_mr2ct"]["model.1.conv.weight"])
+    assert train_job.run(data=cache, out=run, resume=True, max_iters=4)["iteration"] == 4  # config from RUN/config.yaml
+    state["config"]["loss"]["cycle_noise"] = 0.1
+    save_checkpoint(run / "last.pt", state)
+    with pytest.raises(UsageError, match="loss.cycle_noise was removed in medcycle 0.2"):
+        load_generator(run / "last.pt")
 
 
 def test_amp_channels_last_and_float32_losses():
     config = load_config(None, [*TINY, "train.amp=auto", "train.channels_last=true"])
     trainer = CycleGANTrainer(config)
-    from medcycle.inferers import autocast_dtype
+    from medcycle.engine.amp import autocast_dtype
 
     assert trainer.dtype == autocast_dtype("auto", "cpu")
     assert trainer.nets["G_mr2ct"].model[1].conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -243,6 +240,19 @@ def test_amp_channels_last_and_float32_losses():
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
     fp32 = CycleGANTrainer(load_config(None, [*TINY, "train.amp=none", "train.channels_last=false"]))
     assert fp32.dtype is None and fp32.nets["G_mr2ct"].model[1].conv.weight.is_contiguous()
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_amp_policy_follows_the_cpu(monkeypatch, native_bf16):
+    from medcycle.engine import amp
+
+    monkeypatch.setattr(amp, "_cpu_supports_bf16", lambda: native_bf16)
+    for setting in ("auto", "bf16", "fp16", True):
+        assert amp.autocast_dtype(setting, "cpu") == (torch.bfloat16 if native_bf16 else None)
+    for setting in ("none", False, None):
+        assert amp.autocast_dtype(setting, "cpu") is None
+    trainer = CycleGANTrainer(load_config(None, [*TINY, "train.amp=auto"]))
+    assert trainer.dtype == (torch.bfloat16 if native_bf16 else None)
 
 
 def test_compile_failure_falls_back_to_eager(cache, tmp_path, monkeypatch):
@@ -284,9 +294,12 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(cache, tmp_path, monke
     assert not list((tmp_path / "run").glob(".tmp*"))
 
 
-def _wait_for(predicate, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
+def _wait_for(predicate, proc: subprocess.Popen) -> None:
+    """Until `predicate` holds; fails at once if `proc` ended (with its stderr) and after :data:`HANG` seconds."""
+    deadline = time.monotonic() + HANG
     while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}): {proc.communicate()[1][-2000:]}")
         if time.monotonic() > deadline:
             raise AssertionError("timed out")
         time.sleep(0.05)
@@ -303,9 +316,9 @@ def test_sigterm_saves_last_pt_and_says_how_to_resume(cache, tmp_path):
     run = tmp_path / "run"
     proc = _start(cache, run, "train.workers=2")
     try:
-        _wait_for(lambda: (run / "losses.csv").is_file() and len(rows(run / "losses.csv")) >= 3)
+        _wait_for(lambda: (run / "losses.csv").is_file() and len(rows(run / "losses.csv")) >= 3, proc)
         proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=HANG)
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM
@@ -329,9 +342,9 @@ def test_sigkill_leaves_a_loadable_checkpoint_that_resumes(cache, tmp_path):
         except InputError:  # never: writes are atomic
             raise
     try:
-        _wait_for(checkpointed)
+        _wait_for(checkpointed, proc)
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait(timeout=HANG)
     finally:
         proc.kill()
     state = load_checkpoint(run / "last.pt")
@@ -354,10 +367,6 @@ def test_user_errors_are_refused_with_one_line(cache, tmp_path):
         train(cache, tmp_path / "r0", "data.tile_size=64")
     with pytest.raises(UsageError, match="nothing to resume"):
         train(cache, tmp_path / "r0", resume=True)
-    with pytest.raises(UsageError, match="train.crop_size must be 0"):
-        train(cache, tmp_path / "r0", "train.crop_size=48")
-    with pytest.raises(UsageError, match="unet generator needs training tiles divisible by 8"):
-        train(cache, tmp_path / "r0", "model.generator=unet", "train.crop_size=20")
     with pytest.raises(UsageError, match="every generator loss is off"):
         train(cache, tmp_path / "r0", "loss.adversarial=0", "loss.cycle=0")
     with pytest.raises(UsageError, match="--device cuda"):
@@ -383,50 +392,3 @@ def test_user_errors_are_refused_with_one_line(cache, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"medcycle train: error: {run}: already holds a training run (last.pt); use --resume or another --out"]
-
-
-@pytest.mark.parametrize("sigma", [0.5, 1.5])
-def test_structure_loss_uses_the_configured_mind_sigma(sigma):
-    from medcycle.losses import MINDLoss
-
-    trainer = CycleGANTrainer(load_config(None, [*TINY, "train.amp=none", "loss.structure=1", f"loss.structure_sigma={sigma}"]))
-    generator = torch.Generator().manual_seed(0)
-    trainer.set_input({"mr": torch.rand(2, 1, 32, 32, generator=generator) * 2 - 1,
-                       "ct": torch.rand(2, 1, 32, 32, generator=generator) * 2 - 1})
-    trainer.forward()
-    trainer.backward_G()
-    mind = MINDLoss(sigma=sigma)
-    expected = mind(trainer.real_mr, trainer.fake_ct.detach()) + mind(trainer.real_ct, trainer.fake_mr.detach())
-    assert torch.allclose(trainer.losses["structure"].detach(), expected, rtol=1e-5)
-    other = MINDLoss(sigma=2.0 * sigma)
-    assert not torch.allclose(expected, other(trainer.real_mr, trainer.fake_ct.detach()) + other(trainer.real_ct, trainer.fake_mr.detach()))
-
-
-@pytest.mark.parametrize("noise", [0.0, 0.2])
-def test_cycle_noise_reaches_only_the_reverse_generators(noise):
-    from medcycle.engine.trainer import GeneratorPair
-
-    class Recording(torch.nn.Module):  # an identity "generator" that keeps what it was given
-        def __init__(self):
-            super().__init__()
-            self.inputs = []
-
-        def forward(self, x):
-            self.inputs.append(x.detach().clone())
-            return x
-
-    mr2ct, ct2mr = Recording(), Recording()
-    pair = GeneratorPair(mr2ct, ct2mr, cycle_noise=noise)
-    torch.manual_seed(0)
-    real_mr, real_ct = torch.rand(2, 1, 64, 64) * 2 - 1, torch.rand(2, 1, 64, 64) * 2 - 1
-    out = pair(real_mr, real_ct, identity=False)
-    assert torch.equal(mr2ct.inputs[0], real_mr) and torch.equal(out["fake_ct"], real_mr)  # translations: clean
-    assert torch.equal(ct2mr.inputs[0][:2], real_ct) and torch.equal(out["fake_mr"], real_ct)
-    for given, clean in ((ct2mr.inputs[0][2:], out["fake_ct"]), (mr2ct.inputs[1], out["fake_mr"])):
-        difference = given - clean  # what the reverse generator saw, minus the translation
-        if noise == 0:
-            assert torch.equal(difference, torch.zeros_like(difference))
-        else:
-            assert abs(difference.std().item() - noise) < 0.01 and abs(difference.mean().item()) < 0.01
-    trainer = CycleGANTrainer(load_config(None, [*TINY, f"loss.cycle_noise={noise}"]))
-    assert trainer.G.cycle_noise == noise

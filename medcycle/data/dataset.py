@@ -23,14 +23,15 @@
 
 * Augmentation (``train.augment``) with MONAI dictionary transforms: left-right flip (``RandFlipd``,
   p 0.5), a small affine (``RandAffined``, p 0.5: rotation +-5 degrees, scale +-5 %, bilinear, border
-  padding, i.e. the background -1 continues), then a random ``train.crop_size`` crop
-  (``RandSpatialCropd``; also without ``augment``, since the crop is what makes training steps cheap).
-  A registered partner is transformed together with its tile (one draw, the same flip, affine and
-  crop); the independently drawn CT gets its own draw.
+  padding, i.e. the background -1 continues). Tiles are never cropped: instance norm must see in
+  training the statistics it sees in conversion. A registered partner is transformed together with its
+  tile (one draw, the same flip and affine); the independently drawn CT gets its own draw.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -40,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from medcycle.data.cache import CaseTiles, load_case_tiles, select_cases
+from medcycle.data.cache import CaseTiles, load_case_tiles, read_record, select_cases
 from medcycle.errors import InputError
 
 #: data-config keys that do not change the tiles (``val_cases`` only chooses the split).
@@ -87,28 +88,36 @@ def check_data_config(manifest: Mapping[str, Any], data_config: Mapping[str, Any
                          "re-run medcycle preprocess with this config")
 
 
+def cases_fingerprint(cache_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> str:
+    """A short hash of which cases a cache holds: ids, splits, modalities, tile counts and the sha256 of each
+    case's sources. Stored in checkpoints, so that a run resumes only on the cases it was trained on."""
+    cases = []
+    for case_id, entry in sorted(manifest["cases"].items()):
+        sources = (read_record(cache_dir, case_id) or {}).get("sources") or {}
+        cases.append([case_id, {k: entry.get(k) for k in ("split", "mr", "ct", "paired", "n_tiles")},
+                      {role: (source or {}).get("sha256") for role, source in sorted(sources.items())}])
+    return hashlib.sha256(json.dumps(cases, sort_keys=True).encode()).hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------------------------------
 # augmentation
 
 
-def build_augmentation(keys: Sequence[str], augment: bool, crop_size: int) -> Optional[Any]:
+def build_augmentation(keys: Sequence[str], augment: bool) -> Optional[Any]:
     """MONAI Compose applied to one tile and its registered partner (same draw for every key in `keys`).
 
-    Returns None when there is nothing to do (no augmentation and no crop).
+    Returns None without augmentation.
     """
-    from monai.transforms import Compose, RandAffined, RandFlipd, RandSpatialCropd
+    if not augment:
+        return None
+    from monai.transforms import Compose, RandAffined, RandFlipd
 
-    steps: list[Any] = []
     keys = list(keys)
-    if augment:
-        steps += [
-            RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),  # tile axis 0 is x (left-right)
-            RandAffined(keys, prob=0.5, rotate_range=(math.radians(ROTATION_DEG),), scale_range=(SCALE, SCALE),
-                        mode="bilinear", padding_mode="border", allow_missing_keys=True),
-        ]
-    if crop_size:
-        steps.append(RandSpatialCropd(keys, roi_size=(crop_size, crop_size), random_size=False, allow_missing_keys=True))
-    return Compose(steps) if steps else None
+    return Compose([
+        RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),  # tile axis 0 is x (left-right)
+        RandAffined(keys, prob=0.5, rotate_range=(math.radians(ROTATION_DEG),), scale_range=(SCALE, SCALE),
+                    mode="bilinear", padding_mode="border", allow_missing_keys=True),
+    ])
 
 
 def _apply(transform: Optional[Any], sample: dict[str, np.ndarray], seed: int) -> dict[str, torch.Tensor]:
@@ -124,20 +133,21 @@ def _apply(transform: Optional[Any], sample: dict[str, np.ndarray], seed: int) -
 
 
 class _CaseStore:
-    """Memory-mapped case arrays, opened on first use in each process."""
+    """Memory-mapped case arrays, opened on first use in each process, each checked against the manifest."""
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(self, cache_dir: Path, manifest: Mapping[str, Any]) -> None:
         self.cache_dir = cache_dir
+        self.data_config_hash = manifest["data_config_hash"]
         self._cases: dict[str, CaseTiles] = {}
 
     def __call__(self, case_id: str) -> CaseTiles:
         tiles = self._cases.get(case_id)
         if tiles is None:
-            tiles = self._cases[case_id] = load_case_tiles(self.cache_dir, case_id)
+            tiles = self._cases[case_id] = load_case_tiles(self.cache_dir, case_id, data_config_hash=self.data_config_hash)
         return tiles
 
     def __getstate__(self) -> dict[str, Any]:  # workers started with spawn re-open their own maps
-        return {"cache_dir": self.cache_dir, "_cases": {}}
+        return {"cache_dir": self.cache_dir, "data_config_hash": self.data_config_hash, "_cases": {}}
 
 
 def _tile(array: np.ndarray, index: int) -> np.ndarray:
@@ -148,17 +158,17 @@ class TileDataset(Dataset):
     """Items of the `split` of a tile cache for CycleGAN training (see the module docstring).
 
     ``dataset[(epoch, position, index)]`` (or ``dataset[index]``, epoch 0) returns a dict of float32
-    tensors ``mr``, ``ct`` (each ``(k, S, S)``, S = ``crop_size`` or the tile size), in ``hybrid``
+    tensors ``mr``, ``ct`` (each ``(k, S, S)``, S the tile size), in ``hybrid``
     mode also ``ct_reg``, ``has_ct_reg``, ``mr_reg``, ``has_mr_reg``, and the bookkeeping ``epoch``,
     ``position``, ``index``, ``mr_case``, ``mr_tile``, ``ct_case``, ``ct_tile``.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, manifest: Mapping[str, Any], split: str = "train",
-                 pairing: str = "unpaired", augment: bool = True, crop_size: int = 0, seed: int = 0) -> None:
+                 pairing: str = "unpaired", augment: bool = True, seed: int = 0) -> None:
         if pairing not in ("unpaired", "paired", "hybrid"):
             raise ValueError(f"unknown pairing {pairing!r}")
         self.cache_dir = Path(cache_dir)
-        self.pairing, self.augment, self.crop_size, self.seed = pairing, bool(augment), int(crop_size), int(seed)
+        self.pairing, self.augment, self.seed = pairing, bool(augment), int(seed)
         cases = manifest["cases"]
 
         def refs(ids: Sequence[str]) -> list[tuple[str, int]]:
@@ -179,9 +189,9 @@ class TileDataset(Dataset):
             if not self.ct_refs:
                 raise InputError(f"{where} has no CT tiles to train on")
         self.paired_cases = set(select_cases(manifest, split, paired=True))
-        self._store = _CaseStore(self.cache_dir)
-        self._mr_transform = build_augmentation(["mr", "ct", "ct_reg"], self.augment, self.crop_size)
-        self._ct_transform = build_augmentation(["ct", "mr_reg"], self.augment, self.crop_size)
+        self._store = _CaseStore(self.cache_dir, manifest)
+        self._mr_transform = build_augmentation(["mr", "ct", "ct_reg"], self.augment)
+        self._ct_transform = build_augmentation(["ct", "mr_reg"], self.augment)
 
     def __len__(self) -> int:
         return len(self.mr_refs)
@@ -307,8 +317,9 @@ def spread(total: int, count: int) -> list[int]:
     return sorted({int(round(i)) for i in np.linspace(0, total - 1, count)})
 
 
-def _gather(cache_dir: Path, refs: Sequence[tuple[str, int]], names: Sequence[str]) -> dict[str, np.ndarray]:
-    store = _CaseStore(cache_dir)
+def _gather(cache_dir: Path, manifest: Mapping[str, Any], refs: Sequence[tuple[str, int]],
+            names: Sequence[str]) -> dict[str, np.ndarray]:
+    store = _CaseStore(cache_dir, manifest)
     out: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for case_id, i in refs:
         tiles = store(case_id)
@@ -329,7 +340,7 @@ def validation_tiles(cache_dir: str | os.PathLike, manifest: Mapping[str, Any], 
     if not refs:
         return None
     refs = [refs[i] for i in spread(len(refs), max_tiles)]
-    arrays = _gather(Path(cache_dir), refs, ("mr", "ct", "mask"))
+    arrays = _gather(Path(cache_dir), manifest, refs, ("mr", "ct", "mask"))
     return {"mr": arrays["mr"].astype(np.float32), "ct": arrays["ct"].astype(np.float32),
             "mask": arrays["mask"][:, 0] > 0, "refs": refs}
 
@@ -350,21 +361,22 @@ def preview_tiles(cache_dir: str | os.PathLike, manifest: Mapping[str, Any], cou
         refs = refs_of(ids)
         if refs:
             refs = [refs[i] for i in spread(len(refs), count)]
-            arrays = _gather(cache_dir, refs, ("mr", "ct"))
+            arrays = _gather(cache_dir, manifest, refs, ("mr", "ct"))
             return {"mr": arrays["mr"].astype(np.float32), "ct": arrays["ct"].astype(np.float32), "registered": True, "refs": refs}
     mr_refs = refs_of(select_cases(manifest, "train", modality="mr"))
     ct_refs = refs_of(select_cases(manifest, "train", modality="ct"))
     n = min(count, len(mr_refs), len(ct_refs))
     mr_refs = [mr_refs[i] for i in spread(len(mr_refs), n)]
     ct_refs = [ct_refs[i] for i in spread(len(ct_refs), n)]
-    return {"mr": _gather(cache_dir, mr_refs, ("mr",))["mr"].astype(np.float32),
-            "ct": _gather(cache_dir, ct_refs, ("ct",))["ct"].astype(np.float32), "registered": False, "refs": mr_refs}
+    return {"mr": _gather(cache_dir, manifest, mr_refs, ("mr",))["mr"].astype(np.float32),
+            "ct": _gather(cache_dir, manifest, ct_refs, ("ct",))["ct"].astype(np.float32), "registered": False, "refs": mr_refs}
 
 
 __all__ = [
     "EpochSampler",
     "TileDataset",
     "build_augmentation",
+    "cases_fingerprint",
     "check_data_config",
     "config_differences",
     "derived_seed",

@@ -1,15 +1,20 @@
-"""Mixed precision policy: which autocast dtype a config's ``train.amp`` means on a device."""
+"""Automatic mixed precision policy: which autocast dtype a ``train.amp`` setting means on a device.
+
+Training, validation and conversion all ask here, so that a model runs in conversion with the
+arithmetic it was trained with.
+"""
 from __future__ import annotations
 
 from typing import Optional, Union
 
 import torch
 
+#: a config's ``train.amp`` (``auto``, ``none``, ``bf16``, ``fp16``), or a plain on/off
 AmpSetting = Union[bool, str, None]
 
 
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 (AVX512-BF16 or AMX), where bf16 is faster than fp32."""
+def _cpu_supports_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # builds without oneDNN
@@ -27,7 +32,7 @@ def autocast_dtype(amp: AmpSetting, device: Union[str, torch.device]) -> Optiona
         return None
     device = torch.device(device)
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_supports_bf16() else None
+        return torch.bfloat16 if _cpu_supports_bf16() else None
     if device.type == "cuda":
         if amp == "fp16":
             return torch.float16
@@ -35,4 +40,4 @@ def autocast_dtype(amp: AmpSetting, device: Union[str, torch.device]) -> Optiona
     return None
 
 
-__all__ = ["AmpSetting", "autocast_dtype", "cpu_supports_bf16"]
+__all__ = ["AmpSetting", "autocast_dtype"]

@@ -7,14 +7,10 @@ and :meth:`~CycleGANTrainer.optimize_parameters`, with
 * LSGAN adversarial terms (weight ``loss.adversarial``), cycle L1 (``loss.cycle``), identity L1
   (``loss.identity * loss.cycle``), an :class:`~medcycle.losses.ImagePool` per discriminator, one Adam
   for both generators and one for both discriminators;
-* optional structure terms: MIND (``loss.structure``, Yang et al. 2018) and gradient consistency
-  (``loss.gradient``, Hiasa et al. 2018) between each real image and its translation;
-* with ``loss.pairing`` ``paired``/``hybrid``: L1 (``loss.paired``) and 1 - SSIM (``loss.paired_ssim``)
-  between a translation and the registered partner of its input, on the samples that have one;
-* with ``train.ema`` > 0: an exponential moving average of G_mr2ct's weights
-  (:class:`torch.optim.swa_utils.AveragedModel`), updated after every generator step. Validation,
-  preview sheets and conversion use the average: a GAN's weights oscillate from step to step, their
-  average less.
+* an optional structure term: MIND (``loss.structure``, Yang et al. 2018) between each real image and
+  its translation;
+* with ``loss.pairing`` ``paired``/``hybrid``: L1 (``loss.paired``) between a translation and the
+  registered partner of its input, on the samples that have one.
 
 A weight of 0 switches a term off: it is neither computed nor logged.
 
@@ -28,7 +24,7 @@ Speed and scale-out:
   batch). In the generator step the plain (un-wrapped) discriminators are called with
   ``requires_grad`` off: gradients reach the generators through them, while their own DDP reducer is
   not involved (its parameters get no gradient in that backward);
-* autocast (:func:`medcycle.inferers.autocast_dtype`: bf16 on CPUs with native bf16, bf16 or fp16 on
+* autocast (:func:`medcycle.engine.amp.autocast_dtype`: bf16 on CPUs with native bf16, bf16 or fp16 on
   CUDA, a GradScaler for fp16); every loss is computed in float32; channels-last when asked for;
   optional ``torch.compile`` of the four networks (falls back to eager with a warning).
 """
@@ -44,14 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from medcycle.config import Config
-from medcycle.errors import UsageError
 from medcycle.engine.amp import autocast_dtype
+from medcycle.errors import UsageError
 from medcycle.inferers.runtime import CPU_BATCH_PIXELS
 from medcycle.losses import (
-    GradientConsistencyLoss,
     ImagePool,
     MINDLoss,
     adversarial_loss,
@@ -62,8 +56,8 @@ from medcycle.networks import build_discriminator, build_generator, patchgan_out
 
 NET_NAMES = ("G_mr2ct", "G_ct2mr", "D_ct", "D_mr")
 #: every loss that can be logged, in log order (terms of the generator, its total, the discriminators)
-LOSS_NAMES = ("G_adv_ct", "G_adv_mr", "cycle_mr", "cycle_ct", "idt_ct", "idt_mr", "structure", "gradient",
-              "paired", "paired_ssim", "G", "D_ct", "D_mr")
+GENERATOR_TERMS = ("G_adv_ct", "G_adv_mr", "cycle_mr", "cycle_ct", "idt_ct", "idt_mr", "structure", "paired")
+LOSS_NAMES = (*GENERATOR_TERMS, "G", "D_ct", "D_mr")
 VAL_KEYS = ("mae", "mae_bone", "psnr", "ssim")
 
 
@@ -75,11 +69,9 @@ def active_losses(config: Config) -> list[str]:
         "G_adv_ct": w.adversarial > 0, "G_adv_mr": w.adversarial > 0,
         "cycle_mr": w.cycle > 0, "cycle_ct": w.cycle > 0,
         "idt_ct": w.identity * w.cycle > 0, "idt_mr": w.identity * w.cycle > 0,
-        "structure": w.structure > 0, "gradient": w.gradient > 0,
-        "paired": paired and w.paired > 0, "paired_ssim": paired and w.paired_ssim > 0,
-        "G": True, "D_ct": w.adversarial > 0, "D_mr": w.adversarial > 0,
+        "structure": w.structure > 0, "paired": paired and w.paired > 0, "G": True, "D_ct": w.adversarial > 0, "D_mr": w.adversarial > 0,
     }
-    if not any(on[name] for name in LOSS_NAMES[:10]):
+    if not any(on[name] for name in GENERATOR_TERMS):
         raise UsageError("config: every generator loss is off (loss.adversarial, loss.cycle and, with "
                          "loss.pairing=paired/hybrid, loss.paired are 0); switch one on")
     return [name for name in LOSS_NAMES if on[name]]
@@ -102,23 +94,11 @@ class LinearDecay:
 
 
 class GeneratorPair(nn.Module):
-    """Both generators; one call computes every generator output of a training step.
+    """Both generators; one call computes every generator output of a training step."""
 
-    With ``cycle_noise > 0`` each translation gets Gaussian noise of that standard deviation before the
-    reverse generator reconstructs from it (Bashkirova, Usman & Saenko, "Adversarial Self-Defense for
-    Cycle-Consistent GANs", NeurIPS 2019): a CycleGAN otherwise hides what it needs for the
-    reconstruction in a faint texture of the translation (Chu et al. 2017), which the noise drowns.
-    """
-
-    def __init__(self, mr2ct: nn.Module, ct2mr: nn.Module, cycle_noise: float = 0.0) -> None:
+    def __init__(self, mr2ct: nn.Module, ct2mr: nn.Module) -> None:
         super().__init__()
         self.mr2ct, self.ct2mr = mr2ct, ct2mr
-        self.cycle_noise = float(cycle_noise)
-
-    def _noisy(self, translation: torch.Tensor) -> torch.Tensor:
-        if self.cycle_noise <= 0:
-            return translation
-        return translation + self.cycle_noise * torch.randn_like(translation)
 
     def forward(self, real_mr: torch.Tensor, real_ct: torch.Tensor, identity: bool = True,
                 cycle: bool = True) -> dict[str, torch.Tensor]:
@@ -129,14 +109,14 @@ class GeneratorPair(nn.Module):
         out["fake_ct"] = ct_side[:b]
         if identity:
             out["idt_ct"] = ct_side[b:]
-        inputs = [real_ct] + ([real_mr] if identity else []) + ([self._noisy(out["fake_ct"])] if cycle else [])
+        inputs = [real_ct] + ([real_mr] if identity else []) + ([out["fake_ct"]] if cycle else [])
         mr_side = self.ct2mr(torch.cat(inputs) if len(inputs) > 1 else real_ct)
         out["fake_mr"] = mr_side[:b]
         if identity:
             out["idt_mr"] = mr_side[b : 2 * b]
         if cycle:
             out["rec_mr"] = mr_side[-b:]
-            out["rec_ct"] = self.mr2ct(self._noisy(out["fake_mr"]))
+            out["rec_ct"] = self.mr2ct(out["fake_mr"])
         return out
 
 
@@ -163,14 +143,14 @@ def _adam(params: Iterable[nn.Parameter], lr: float, betas: tuple[float, float])
         return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
-def _masked(loss: Any, pred: torch.Tensor, target: torch.Tensor, has: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """`loss` on the samples with a registered partner (all when `has` is None); None when there is none."""
+def _masked_l1(pred: torch.Tensor, target: torch.Tensor, has: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """L1 on the samples with a registered partner (all when `has` is None); None when there is none."""
     if has is not None:
         if not bool(has.any()):
             return None
         if not bool(has.all()):
             pred, target = pred[has], target[has]
-    return loss(pred.float(), target.float())
+    return F.l1_loss(pred.float(), target.float())
 
 
 class CycleGANTrainer:
@@ -186,26 +166,23 @@ class CycleGANTrainer:
         self.device = torch.device(device)
         model, train, w = config.model, config.train, config.loss
         k = config.data.context_slices
-        side = train.crop_size or config.data.tile_size
-        if model.generator == "unet" and side % 8:
-            raise UsageError(f"config: the unet generator needs training tiles divisible by 8, got {side} px "
-                             "(train.crop_size, or data.tile_size when it is 0)")
+        side = config.data.tile_size
         if patchgan_output_size(side, model.disc_layers) < 1:
-            raise UsageError(f"config: training tiles of {side} px are too small for model.disc_layers="
-                             f"{model.disc_layers}; raise train.crop_size or lower model.disc_layers")
+            raise UsageError(f"config: tiles of {side} px are too small for model.disc_layers="
+                             f"{model.disc_layers}; raise data.tile_size or lower model.disc_layers")
         self.loss_names = active_losses(config)
         self.dtype = autocast_dtype(train.amp, self.device)
         self.memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
 
         nets = {
-            "G_mr2ct": build_generator(model.generator, k, model.gen_width, model.gen_blocks),
-            "G_ct2mr": build_generator(model.generator, k, model.gen_width, model.gen_blocks),
+            "G_mr2ct": build_generator(k, model.gen_width, model.gen_blocks),
+            "G_ct2mr": build_generator(k, model.gen_width, model.gen_blocks),
             "D_ct": build_discriminator(k, model.disc_width, model.disc_layers),
             "D_mr": build_discriminator(k, model.disc_width, model.disc_layers),
         }
         #: the plain networks (what checkpoints hold), on `device`
         self.nets = {name: net.to(self.device, memory_format=self.memory_format) for name, net in nets.items()}
-        self.G = self._generator_pair(self.nets)
+        self.G = GeneratorPair(self.nets["G_mr2ct"], self.nets["G_ct2mr"])
         self.D = DiscriminatorPair(self.nets["D_ct"], self.nets["D_mr"])
         self.G_train: nn.Module = self.G  # what the steps call: DDP-wrapped and/or compiled later
         self.D_train: nn.Module = self.D
@@ -218,19 +195,9 @@ class CycleGANTrainer:
         self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D, self.schedule)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
         self.pool_ct, self.pool_mr = ImagePool(train.pool_size), ImagePool(train.pool_size)
-        self.ema: Optional[AveragedModel] = None
-        if train.ema > 0:
-            self.ema = AveragedModel(self.nets["G_mr2ct"], multi_avg_fn=get_ema_multi_avg_fn(train.ema), use_buffers=True)
 
         self.adv = adversarial_loss()
-        self.mind = MINDLoss(sigma=w.structure_sigma) if w.structure > 0 else None
-        self.grad_consistency = GradientConsistencyLoss() if w.gradient > 0 else None
-        self.ssim = None
-        if w.pairing != "unpaired" and w.paired_ssim > 0:
-            from monai.losses import SSIMLoss
-
-            win = min(11, side - (1 - side % 2))  # an odd window that fits the tile
-            self.ssim = SSIMLoss(spatial_dims=2, data_range=2.0, win_size=win)
+        self.mind = MINDLoss() if w.structure > 0 else None
         self.identity_weight = w.identity * w.cycle
         self.iteration = 0
         self.losses: dict[str, torch.Tensor] = {}
@@ -266,18 +233,15 @@ class CycleGANTrainer:
         except Exception as exc:  # noqa: BLE001 - any failure means: stay eager
             warnings.warn(f"torch.compile unavailable ({type(exc).__name__}: {exc}); training runs eagerly")
             return False
-        self.G = self._generator_pair(compiled)
+        self.G = GeneratorPair(compiled["G_mr2ct"], compiled["G_ct2mr"])
         self.D = DiscriminatorPair(compiled["D_ct"], compiled["D_mr"])
         self.G_train, self.D_train = self.G, self.D
         self.D_for_G = {"ct": compiled["D_ct"], "mr": compiled["D_mr"]}
         return True
 
-    def _generator_pair(self, nets: Mapping[str, nn.Module]) -> GeneratorPair:
-        return GeneratorPair(nets["G_mr2ct"], nets["G_ct2mr"], cycle_noise=self.config.loss.cycle_noise)
-
     def uncompile(self) -> None:
         """Back to the eager networks (after a failed compilation)."""
-        self.G = self._generator_pair(self.nets)
+        self.G = GeneratorPair(self.nets["G_mr2ct"], self.nets["G_ct2mr"])
         self.D = DiscriminatorPair(self.nets["D_ct"], self.nets["D_mr"])
         self.G_train, self.D_train = self.G, self.D
         self.D_for_G = {"ct": self.nets["D_ct"], "mr": self.nets["D_mr"]}
@@ -339,22 +303,17 @@ class CycleGANTrainer:
             terms["idt_mr"] = self.identity_weight * F.l1_loss(self.idt_mr.float(), self.real_mr)
         if self.mind is not None:
             terms["structure"] = w.structure * (self.mind(self.real_mr, self.fake_ct) + self.mind(self.real_ct, self.fake_mr))
-        if self.grad_consistency is not None:
-            gc = self.grad_consistency
-            terms["gradient"] = w.gradient * (gc(self.real_mr, self.fake_ct) + gc(self.real_ct, self.fake_mr))
         if "paired" in self.loss_names:
-            terms["paired"] = w.paired * self._paired_term(F.l1_loss)
-        if self.ssim is not None:
-            terms["paired_ssim"] = w.paired_ssim * self._paired_term(self.ssim)
+            terms["paired"] = w.paired * self._paired_l1()
         self.loss_G = sum(terms.values())
         self.scaler.scale(self.loss_G).backward()
         self.losses = {**terms, "G": self.loss_G}
 
-    def _paired_term(self, loss: Any) -> torch.Tensor:
-        """`loss` between each translation and the registered partner of its input, where there is one."""
+    def _paired_l1(self) -> torch.Tensor:
+        """L1 (float32) between each translation and the registered partner of its input, where there is one."""
         with torch.autocast(device_type=self.device.type, enabled=False):
-            parts = [_masked(loss, self.fake_ct, self.ct_reg, self.has_ct_reg),
-                     _masked(loss, self.fake_mr, self.mr_reg, self.has_mr_reg)]
+            parts = [_masked_l1(self.fake_ct, self.ct_reg, self.has_ct_reg),
+                     _masked_l1(self.fake_mr, self.mr_reg, self.has_mr_reg)]
         parts = [p for p in parts if p is not None]
         return sum(parts) if parts else torch.zeros((), device=self.device)
 
@@ -379,8 +338,6 @@ class CycleGANTrainer:
         self.opt_G.zero_grad(set_to_none=True)
         self.backward_G()
         self.scaler.step(self.opt_G)
-        if self.ema is not None:
-            self.ema.update_parameters(self.nets["G_mr2ct"])
         if adversarial:
             self.set_requires_grad(self.D.parameters(), True)
             self.opt_D.zero_grad(set_to_none=True)
@@ -413,9 +370,8 @@ class CycleGANTrainer:
     # evaluation (plain networks, eval mode, no autograd)
 
     def translate(self, images: np.ndarray | torch.Tensor, direction: str = "G_mr2ct") -> np.ndarray:
-        """Run generator `direction` (G_mr2ct: its moving average, when kept) over ``(N, k, H, W)`` images
-        in [-1, 1]; returns float32 numpy."""
-        net = self.ema.module if direction == "G_mr2ct" and self.ema is not None else self.nets[direction]
+        """Run generator `direction` over ``(N, k, H, W)`` images in [-1, 1]; returns float32 numpy."""
+        net = self.nets[direction]
         images = torch.as_tensor(np.asarray(images, dtype=np.float32))
         side = images.shape[-1] * images.shape[-2]
         chunk = max(1, CPU_BATCH_PIXELS // side) if self.device.type == "cpu" else 16
@@ -468,22 +424,23 @@ class CycleGANTrainer:
     # ----------------------------------------------------------------------------------------------
     # state
 
+    def weights_finite(self) -> bool:
+        """True when every parameter and buffer of the four networks is finite (what a checkpoint may hold)."""
+        return all(bool(torch.isfinite(v).all()) for net in self.nets.values() for v in net.state_dict().values()
+                   if v.is_floating_point())
+
     def digest(self) -> str:
         """sha256 of every network parameter (to compare ranks or runs)."""
         h = hashlib.sha256()
-        nets = [self.nets[name] for name in NET_NAMES] + ([self.ema] if self.ema is not None else [])
-        for net in nets:
-            for key, value in net.state_dict().items():
+        for name in NET_NAMES:
+            for key, value in self.nets[name].state_dict().items():
                 h.update(key.encode())
                 h.update(value.detach().contiguous().cpu().numpy().tobytes())
         return h.hexdigest()
 
     def state_dict(self) -> dict[str, Any]:
-        """Networks (plain), optimisers, schedules, scaler, pools and RNG states of this process.
-
-        With ``train.ema``, ``ema`` holds the averaged G_mr2ct (``G_mr2ct``) and ``n_averaged``.
-        """
-        state = {
+        """Networks (plain), optimisers, schedules, scaler, pools and RNG states of this process."""
+        return {
             "iteration": self.iteration,
             "nets": {name: {k: v.detach().clone().contiguous() for k, v in self.nets[name].state_dict().items()}
                      for name in NET_NAMES},
@@ -493,10 +450,6 @@ class CycleGANTrainer:
             "pools": self.pool_state(),
             "rng": rng_state(),
         }
-        if self.ema is not None:
-            state["ema"] = {"G_mr2ct": {k: v.detach().clone() for k, v in self.ema.module.state_dict().items()},
-                            "n_averaged": int(self.ema.n_averaged)}
-        return state
 
     def pool_state(self) -> dict[str, Any]:
         return {"ct": self.pool_ct.state_dict(), "mr": self.pool_mr.state_dict()}
@@ -516,9 +469,6 @@ class CycleGANTrainer:
         if pools:
             self.pool_ct.load_state_dict(pools["ct"])
             self.pool_mr.load_state_dict(pools["mr"])
-        if self.ema is not None:
-            self.ema.module.load_state_dict(state["ema"]["G_mr2ct"])
-            self.ema.n_averaged.fill_(int(state["ema"]["n_averaged"]))
         self.iteration = int(state["iteration"])
         if restore_rng and state.get("rng"):
             set_rng_state(state["rng"])

@@ -20,19 +20,21 @@ validation MAE; only with paired ``val`` cases in the cache), ``losses.csv``, ``
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
-from medcycle.config import Config, load_config
-from medcycle.errors import MedcycleError, UsageError
+from medcycle.config import Config, resolve_config
+from medcycle.errors import InputError, MedcycleError, UsageError
 
 CONFIG = "config.yaml"
 
 
-def resolve_config(config: Any, overrides: Sequence[str], out: Path, resume: bool, max_iters: Optional[int]) -> Config:
-    """The run's config: `config` (path, Config or None) with `overrides`; on resume without a
-    config the run's own ``config.yaml``; ``max_iters`` replaces ``train.iterations``."""
+def run_config(config: Any, overrides: Sequence[str], out: Path, resume: bool, max_iters: Optional[int]) -> Config:
+    """The run's config: `config` (Config, path, built-in name or None) with `overrides`; on resume
+    without a config the run's own ``config.yaml``; ``max_iters`` replaces ``train.iterations``."""
     overrides = list(overrides or ())
     if max_iters is not None:
         if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
@@ -40,14 +42,7 @@ def resolve_config(config: Any, overrides: Sequence[str], out: Path, resume: boo
         overrides.append(f"train.iterations={max_iters}")
     if config is None and resume and (out / CONFIG).is_file():
         config = out / CONFIG
-    if isinstance(config, Config):
-        from medcycle.config import _apply_override
-
-        tree = config.to_dict()
-        for assignment in overrides:
-            _apply_override(tree, assignment)
-        return Config.from_dict(tree).validate()
-    return load_config(config, overrides)
+    return resolve_config(config, overrides)
 
 
 def run(config: Any = None, data: Optional[str | os.PathLike] = None, out: Optional[str | os.PathLike] = None,
@@ -64,10 +59,11 @@ def run(config: Any = None, data: Optional[str | os.PathLike] = None, out: Optio
     if data is None or out is None:
         raise UsageError("train needs --data CACHE and --out RUN")
     out = Path(out)
-    cfg = resolve_config(config, overrides, out, resume, max_iters)
+    cfg = run_config(config, overrides, out, resume, max_iters)
     ctx = distributed.setup(device)
     try:
-        return fit(cfg, Path(data), out, ctx, resume=resume, stop_after=stop_after)
+        with _one_line_errors(cfg):
+            return fit(cfg, Path(data), out, ctx, resume=resume, stop_after=stop_after)
     except MedcycleError as exc:
         if ctx.rank > 0:  # rank 0 reports; the others leave quietly with the same exit code
             raise SystemExit(exc.exit_code) from None
@@ -76,4 +72,31 @@ def run(config: Any = None, data: Optional[str | os.PathLike] = None, out: Optio
         ctx.close()
 
 
-__all__ = ["resolve_config", "run"]
+@contextlib.contextmanager
+def _one_line_errors(config: Config) -> Iterator[None]:
+    """Turn the machine's refusals (no memory, a file that cannot be read or written) into one-line errors."""
+    try:
+        yield
+    except OSError as exc:  # a read-only or full --out, a cache file that cannot be read
+        raise InputError(f"{exc.filename or 'train'}: {exc.strerror or exc}") from None
+    except (MemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        m, d, t = config.model, config.data, config.train
+        asked = re.search(r"tried to allocate (\d+) bytes", str(exc))
+        size = f" (one allocation of {int(asked.group(1)) / 2**30:.1f} GiB)" if asked else ""
+        raise UsageError(f"out of memory{size}: the networks of model.gen_width={m.gen_width}, model.gen_blocks="
+                         f"{m.gen_blocks}, model.disc_width={m.disc_width} on {d.tile_size}-px tiles, batch "
+                         f"{t.batch_size}, do not fit; lower them") from None
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """True for an allocation failure of torch (CPU or CUDA) or Python."""
+    import torch
+
+    text = str(exc)
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text \
+        or "not enough memory" in text
+
+
+__all__ = ["run", "run_config"]

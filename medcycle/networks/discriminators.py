@@ -10,8 +10,6 @@ Difference: for ``n_layers > 3`` MONAI keeps doubling the width (the reference c
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from monai.networks.nets import PatchDiscriminator
 from torch import nn
@@ -61,16 +59,12 @@ class PatchGANDiscriminator(nn.Module):
         return self.net(x)[-1]
 
 
-def build_discriminator(channels: Any, width: int = 64, n_layers: int = 3) -> nn.Module:
-    """Build the PatchGAN discriminator for ``channels``-channel images.
+def build_discriminator(channels: int, width: int = 64, n_layers: int = 3) -> PatchGANDiscriminator:
+    """The PatchGAN discriminator for ``channels``-channel images.
 
     Args:
-        channels: input channels (k). Alternatively ``build_discriminator(model_cfg, channels)`` with a
-            ``ModelConfig``-like object (``disc_width``, ``disc_layers``) first and the channels second.
+        channels: input channels (k).
         width: filters of the first layer (``ndf``).
         n_layers: stride-2 layers after the first one plus one stride-1 layer (3 gives the 70x70 PatchGAN).
     """
-    if hasattr(channels, "disc_width"):  # build_discriminator(model_cfg, channels)
-        cfg, channels = channels, width
-        width, n_layers = cfg.disc_width, cfg.disc_layers
     return PatchGANDiscriminator(channels, width=width, n_layers=n_layers)

@@ -1,16 +1,12 @@
-"""Generators for the MR <-> CT CycleGAN, assembled from MONAI blocks.
+"""The generator of the MR <-> CT CycleGAN, assembled from MONAI blocks.
 
-* ``"resnet"``: the ResNet generator of CycleGAN -- Johnson, Alahi & Fei-Fei, "Perceptual Losses for
-  Real-Time Style Transfer and Super-Resolution" (ECCV 2016) as used by Zhu, Park, Isola & Efros,
-  "Unpaired Image-to-Image Translation using Cycle-Consistent Adversarial Networks" (ICCV 2017).
-  Layer for layer (and parameter for parameter) the ``ResnetGenerator`` of the reference
-  pytorch-CycleGAN-and-pix2pix code with instance norm (affine=False, so convolutions keep their bias)
-  and no dropout.
-* ``"unet"``: MONAI's residual ``UNet`` (Kerfoot et al., "Left-Ventricle Quantification Using Residual
-  U-Net", STACOM 2018) with four levels, followed by tanh.
-
-Both map ``k`` channels (the 2.5D context slices) to ``k`` channels in [-1, 1]; convolution weights
-start from N(0, 0.02) with zero bias, as the reference's ``init_type="normal"``.
+The ResNet generator of CycleGAN -- Johnson, Alahi & Fei-Fei, "Perceptual Losses for Real-Time Style
+Transfer and Super-Resolution" (ECCV 2016) as used by Zhu, Park, Isola & Efros, "Unpaired
+Image-to-Image Translation using Cycle-Consistent Adversarial Networks" (ICCV 2017). Layer for layer
+(and parameter for parameter) the ``ResnetGenerator`` of the reference pytorch-CycleGAN-and-pix2pix
+code with instance norm (affine=False, so convolutions keep their bias) and no dropout. It maps ``k``
+channels (the 2.5D context slices) to ``k`` channels in [-1, 1]; convolution weights start from
+N(0, 0.02) with zero bias, as the reference's ``init_type="normal"``.
 """
 
 from __future__ import annotations
@@ -20,13 +16,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
-from monai.networks.nets import UNet
 from monai.networks.utils import normal_init
 from torch import nn
 
 #: MONAI norm spec equal to the reference ``nn.InstanceNorm2d(affine=False, track_running_stats=False)``.
 INSTANCE_NORM: tuple[str, dict[str, Any]] = ("instance", {"affine": False})
-GENERATOR_KINDS: tuple[str, ...] = ("resnet", "unet")
 
 
 def _conv(
@@ -150,54 +144,14 @@ class ResnetGenerator(nn.Module):
         return self.model(x)
 
 
-class UNetGenerator(nn.Module):
-    """MONAI residual UNet (channels w, 2w, 4w, 8w; strides 2, 2, 2; 2 residual units) followed by tanh.
-
-    Spatial sizes must be divisible by 8.
-    """
-
-    #: Ratio of the input size to the smallest feature map.
-    downsampling = 8
-
-    def __init__(self, in_channels: int, out_channels: int, width: int = 64) -> None:
-        super().__init__()
-        if in_channels < 1 or out_channels < 1 or width < 1:
-            raise ValueError(f"invalid UNet sizes: in={in_channels} out={out_channels} width={width}")
-        w = width
-        self.unet = UNet(
-            spatial_dims=2,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            channels=(w, 2 * w, 4 * w, 8 * w),
-            strides=(2, 2, 2),
-            num_res_units=2,
-            norm=INSTANCE_NORM,
-        )
-        self.act = nn.Tanh()
-        self.apply(normal_init)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``(B, in, H, W)`` to ``(B, out, H, W)`` in [-1, 1]."""
-        return self.act(self.unet(x))
-
-
-def build_generator(kind: Any, channels: int, width: int = 64, n_blocks: int = 9) -> nn.Module:
-    """Build a generator mapping ``channels`` (k context slices) to ``channels``.
+def build_generator(channels: int, width: int = 64, n_blocks: int = 9) -> ResnetGenerator:
+    """The CycleGAN ResNet generator mapping ``channels`` (k context slices) to ``channels``.
 
     Args:
-        kind: ``"resnet"`` or ``"unet"``; or a model config (``ModelConfig``-like object with
-            ``generator``, ``gen_width``, ``gen_blocks``), whose values then replace ``width``/``n_blocks``.
         channels: input = output channels (k).
         width: filters of the first layer (``ngf``).
-        n_blocks: residual blocks of the ResNet generator (ignored by the UNet).
+        n_blocks: residual blocks.
     """
-    if hasattr(kind, "generator"):  # build_generator(model_cfg, channels)
-        cfg = kind
-        kind, width, n_blocks = cfg.generator, cfg.gen_width, cfg.gen_blocks
     if channels < 1:
         raise ValueError(f"generator channels must be >= 1, got {channels}")
-    if kind == "resnet":
-        return ResnetGenerator(channels, channels, width=width, n_blocks=n_blocks)
-    if kind == "unet":
-        return UNetGenerator(channels, channels, width=width)
-    raise ValueError(f"unknown generator kind {kind!r}; expected one of {', '.join(GENERATOR_KINDS)}")
+    return ResnetGenerator(channels, channels, width=width, n_blocks=n_blocks)
