@@ -1,15 +1,23 @@
 """Tiny volumes and grids shared by the tests (imported as ``from helpers import ...``)."""
 from __future__ import annotations
 
+import csv
 import os
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import SimpleITK as sitk
+from pydicom.dataset import Dataset
 from scipy.spatial.transform import Rotation
 
+from medcycle.checkpoint import save_checkpoint
+from medcycle.config import Config, config_hash, load_config
+from medcycle.data.cache import write_case, write_manifest
+from medcycle.dicom import _save
 from medcycle.io import ras_affine_to_sitk
 
 
@@ -150,3 +158,147 @@ def phantom_mr(shape) -> np.ndarray:
     mr[int(0.25 * x): int(0.5 * x), int(0.3 * y): int(0.6 * y), :] = 1000.0
     mr[~body] = 0.0
     return mr
+
+
+PIXEL_SPACING = (1.1, 0.9)  # DICOM order: between rows, between columns
+
+
+STEP = 2.5
+
+
+def make_series(folder: Path, n: int = 8, rotation=(0.0, 0.0, 0.0), origin=(-20.0, 10.0, 5.0),
+                positions: np.ndarray | None = None, tweak: Callable[[int, Dataset], None] | None = None,
+                prefix: str = "IM", size=(8, 8)) -> np.ndarray:
+    """Write an MR series, file names running against the slice order; returns its voxel-to-LPS affine."""
+    folder.mkdir(parents=True, exist_ok=True)
+    axes = Rotation.from_euler("zyx", rotation, degrees=True).as_matrix()
+    row, column, normal = axes[:, 0], axes[:, 1], axes[:, 2]
+    if positions is None:
+        positions = np.asarray(origin) + np.outer(np.arange(n) * STEP, normal)
+    series_uid = pydicom.uid.generate_uid()
+    for k, position in enumerate(positions):
+        ds = Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID = pydicom.uid.MRImageStorage, pydicom.uid.generate_uid()
+        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", series_uid, 3
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID = "1.2.3", "1.2.3.4"
+        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *column)]
+        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+        ds.PixelSpacing = [str(v) for v in PIXEL_SPACING]
+        ds.SliceThickness = str(STEP)
+        ds.Rows, ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.InstanceNumber = k + 1
+        if tweak is not None:
+            tweak(k, ds)
+        pixels = (np.arange(int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1))) + 100 * k).astype("<u2")
+        ds.PixelData = pixels.tobytes()
+        _save(ds, folder / f"{prefix}{len(positions) - k:03d}.dcm")
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * PIXEL_SPACING[1], column * PIXEL_SPACING[0], normal * STEP
+    lps[:3, 3] = positions[0]
+    return lps
+
+
+SIZE = 32
+
+
+def make_cache(root: Path, kinds: Sequence[str] = ("paired", "paired", "paired"), tiles: int = 6, size: int = SIZE,
+               k: int = 1, val: int = 1, seed: int = 0, overrides: Sequence[str] = ()) -> Path:
+    """A cache of cases ``c00, c01, ...`` of the given kinds (``paired``, ``mr``, ``ct``); the last `val`
+    paired cases are the ``val`` split (as preprocess does). Body masks cover an inner disc."""
+    config = load_config(None, [f"data.tile_size={size}", f"data.context_slices={k}", f"data.val_cases={val}", *overrides])
+    data, digest = config.to_dict()["data"], config_hash(config.data)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    body = ((yy - 0.5) ** 2 + (xx - 0.5) ** 2 < 0.2).astype(np.uint8)
+    entries = {}
+    for c, kind in enumerate(kinds):
+        case_id = f"c{c:02d}"
+        phase = rng.uniform(0, 6, size=(tiles, k))
+        mr = np.stack([np.stack([np.sin(5 * xx + 3 * yy * yy + p) * np.cos(3 * yy + 0.5 * c + 2 * xx * xx)
+                                 for p in phase[t]]) for t in range(tiles)])
+        mr = np.clip(0.9 * mr + rng.normal(0, 0.03, mr.shape), -1, 1).astype(np.float16)
+        arrays = {"mask": np.repeat(body[None, None], tiles, axis=0)}
+        sources = {}
+        if kind in ("paired", "mr"):
+            arrays["mr"], sources["mr"] = mr, {"path": f"{case_id}/mr.nii.gz", "sha256": "0"}
+        if kind in ("paired", "ct"):
+            arrays["ct"], sources["ct"] = (-mr).astype(np.float16), {"path": f"{case_id}/ct.nii.gz", "sha256": "0"}
+        write_case(root, case_id, arrays, {"data_config_hash": digest, "paired": kind == "paired", "sources": sources,
+                                           "n_tiles": tiles})
+        entries[case_id] = {"split": "train", "mr": "mr" in arrays, "ct": "ct" in arrays, "paired": kind == "paired",
+                            "n_tiles": tiles}
+    paired = [c for c in sorted(entries) if entries[c]["paired"]]
+    for case_id in paired[len(paired) - val:] if val else []:
+        entries[case_id]["split"] = "val"
+    write_manifest(root, data, digest, entries)
+    return root
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+TINY = ["data.tile_size=32", "data.val_cases=1", "model.gen_width=4", "model.gen_blocks=1", "model.disc_width=4",
+        "train.workers=0", "train.pool_size=3"]
+
+
+HANG = 600
+
+
+QUIET = ["train.log_every=1", "train.val_every=1000", "train.image_every=1000", "train.checkpoint_every=1000"]
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def make_checkpoint(path: Path, tile: int = 16, context: int = 1, amp: str = "none", ct_knots=(), **state_extra) -> Path:
+    from medcycle.networks import build_generator
+
+    config = Config.from_dict({
+        "data": {"tile_size": tile, "context_slices": context, "spacing": [1.0, 1.0], "ct_knots": [list(k) for k in ct_knots]},
+        "model": {"gen_width": 4, "gen_blocks": 1, "disc_width": 4, "disc_layers": 1},
+        "train": {"amp": amp},
+    }).validate()
+    generator = build_generator(context, 4, 1)
+    state = {
+        "config": config.to_dict(),
+        "preprocessing": {"data_config": config.to_dict()["data"], "data_config_hash": config_hash(config.data)},
+        "iteration": 1,
+        "nets": {"G_mr2ct": generator.state_dict()},
+    }
+    state.update(state_extra)
+    return save_checkpoint(path, state)
+
+
+SHAPE = (30, 26, 7)
+
+
+OVERRIDES = ["data.tile_size=32", "data.spacing=[1.0, 1.0]", "data.min_body_fraction=0.05"]
+
+
+AFFINE = np.diag([0.9, 0.9, 2.5, 1.0])
+
+
+def make_case(folder: Path, seed: int, kind: str = "nifti", ct: bool = True, mask: bool = False,
+              affine: np.ndarray = AFFINE, shape=SHAPE) -> Path:
+    """A SynthRAD case folder: mr (and ct) as NIfTI, MHA or DICOM series, optional mask.nii.gz."""
+    mr_array, ct_array, body, _, _ = synthetic_head(shape=shape, seed=seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "nifti":
+        write_nifti(folder / "mr.nii.gz", mr_array, affine, dtype=np.int16)
+        if ct:
+            write_nifti(folder / "ct.nii.gz", ct_array, affine, dtype=np.int16)
+    elif kind == "mha":
+        write_mha(folder / "mr.mha", mr_array, affine)
+        if ct:
+            write_mha(folder / "ct.mha", ct_array, affine)
+    elif kind == "dicom":
+        write_dicom_series(folder / "mr", mr_array, affine, modality="MR")
+        if ct:
+            write_dicom_series(folder / "ct", ct_array, affine, modality="CT")
+    if mask:
+        write_nifti(folder / "mask.nii.gz", body, affine, dtype=np.uint8)
+    return folder

@@ -17,8 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from medcycle.checkpoint import save_checkpoint
-from medcycle.config import Config, config_hash
+from helpers import make_checkpoint
 from medcycle.errors import InputError, MedcycleError, UsageError
 from helpers import oblique_affine as _oblique
 from helpers import permuted_affine as flipped_affine
@@ -39,25 +38,6 @@ def oblique_affine(spacing=(0.8, 1.3, 2.5), **kwargs) -> np.ndarray:
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, qform_code: int = 1, sform_code: int = 2) -> Path:
     """Different sform and qform codes, so keeping both shows."""
     return _write_nifti(path, array, affine, sform_code=sform_code, qform_code=qform_code)
-
-
-def make_checkpoint(path: Path, tile: int = 16, context: int = 1, amp: str = "none", ct_knots=(), **state_extra) -> Path:
-    from medcycle.networks import build_generator
-
-    config = Config.from_dict({
-        "data": {"tile_size": tile, "context_slices": context, "spacing": [1.0, 1.0], "ct_knots": [list(k) for k in ct_knots]},
-        "model": {"gen_width": 4, "gen_blocks": 1, "disc_width": 4, "disc_layers": 1},
-        "train": {"amp": amp},
-    }).validate()
-    generator = build_generator(config.model.generator, context, 4, 1)
-    state = {
-        "config": config.to_dict(),
-        "preprocessing": {"data_config": config.to_dict()["data"], "data_config_hash": config_hash(config.data)},
-        "iteration": 1,
-        "nets": {"G_mr2ct": generator.state_dict()},
-    }
-    state.update(state_extra)
-    return save_checkpoint(path, state)
 
 
 def write_sitk(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:

@@ -7,14 +7,14 @@ tile is exactly ``-MR``, so a registered pair can be recognised after any (linea
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pytest
 import torch
 
-from medcycle.config import config_hash, load_config
-from medcycle.data.cache import load_case_tiles, load_manifest, write_case, write_manifest
+from helpers import make_cache, SIZE
+from medcycle.config import load_config
+from medcycle.data.cache import load_case_tiles, load_manifest
 from medcycle.data.dataset import (
     EpochSampler,
     TileDataset,
@@ -25,41 +25,6 @@ from medcycle.data.dataset import (
     validation_tiles,
 )
 from medcycle.errors import InputError
-
-SIZE = 32
-
-
-def make_cache(root: Path, kinds: Sequence[str] = ("paired", "paired", "paired"), tiles: int = 6, size: int = SIZE,
-               k: int = 1, val: int = 1, seed: int = 0, overrides: Sequence[str] = ()) -> Path:
-    """A cache of cases ``c00, c01, ...`` of the given kinds (``paired``, ``mr``, ``ct``); the last `val`
-    paired cases are the ``val`` split (as preprocess does). Body masks cover an inner disc."""
-    config = load_config(None, [f"data.tile_size={size}", f"data.context_slices={k}", f"data.val_cases={val}", *overrides])
-    data, digest = config.to_dict()["data"], config_hash(config.data)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    body = ((yy - 0.5) ** 2 + (xx - 0.5) ** 2 < 0.2).astype(np.uint8)
-    entries = {}
-    for c, kind in enumerate(kinds):
-        case_id = f"c{c:02d}"
-        phase = rng.uniform(0, 6, size=(tiles, k))
-        mr = np.stack([np.stack([np.sin(5 * xx + 3 * yy * yy + p) * np.cos(3 * yy + 0.5 * c + 2 * xx * xx)
-                                 for p in phase[t]]) for t in range(tiles)])
-        mr = np.clip(0.9 * mr + rng.normal(0, 0.03, mr.shape), -1, 1).astype(np.float16)
-        arrays = {"mask": np.repeat(body[None, None], tiles, axis=0)}
-        sources = {}
-        if kind in ("paired", "mr"):
-            arrays["mr"], sources["mr"] = mr, {"path": f"{case_id}/mr.nii.gz", "sha256": "0"}
-        if kind in ("paired", "ct"):
-            arrays["ct"], sources["ct"] = (-mr).astype(np.float16), {"path": f"{case_id}/ct.nii.gz", "sha256": "0"}
-        write_case(root, case_id, arrays, {"data_config_hash": digest, "paired": kind == "paired", "sources": sources,
-                                           "n_tiles": tiles})
-        entries[case_id] = {"split": "train", "mr": "mr" in arrays, "ct": "ct" in arrays, "paired": kind == "paired",
-                            "n_tiles": tiles}
-    paired = [c for c in sorted(entries) if entries[c]["paired"]]
-    for case_id in paired[len(paired) - val:] if val else []:
-        entries[case_id]["split"] = "val"
-    write_manifest(root, data, digest, entries)
-    return root
 
 
 def dataset(cache: Path, **kwargs) -> TileDataset:

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from scipy.ndimage import binary_fill_holes
 from scipy.spatial.transform import Rotation
 from skimage.draw import polygon2mask
-from test_dicom_series import make_series
+from helpers import make_series
 
 from medcycle import dicom
 from medcycle.dicom import RTSTRUCT_NAME, series_files, write_body_rtstruct, write_ct_series

@@ -5,7 +5,6 @@ Each series is written slice by slice with pydicom (8x8 pixels, 8 slices) with o
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,49 +15,13 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_dataset
-from scipy.spatial.transform import Rotation
 
-from medcycle.dicom import _save, is_dicom_folder, series_files
+from helpers import make_series, STEP
+from medcycle.dicom import is_dicom_folder, series_files
 from medcycle.errors import InputError
 from medcycle.io import sitk_to_ras_affine
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-PIXEL_SPACING = (1.1, 0.9)  # DICOM order: between rows, between columns
-STEP = 2.5
-
-
-def make_series(folder: Path, n: int = 8, rotation=(0.0, 0.0, 0.0), origin=(-20.0, 10.0, 5.0),
-                positions: np.ndarray | None = None, tweak: Callable[[int, Dataset], None] | None = None,
-                prefix: str = "IM", size=(8, 8)) -> np.ndarray:
-    """Write an MR series, file names running against the slice order; returns its voxel-to-LPS affine."""
-    folder.mkdir(parents=True, exist_ok=True)
-    axes = Rotation.from_euler("zyx", rotation, degrees=True).as_matrix()
-    row, column, normal = axes[:, 0], axes[:, 1], axes[:, 2]
-    if positions is None:
-        positions = np.asarray(origin) + np.outer(np.arange(n) * STEP, normal)
-    series_uid = pydicom.uid.generate_uid()
-    for k, position in enumerate(positions):
-        ds = Dataset()
-        ds.SOPClassUID, ds.SOPInstanceUID = pydicom.uid.MRImageStorage, pydicom.uid.generate_uid()
-        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", series_uid, 3
-        ds.StudyInstanceUID, ds.FrameOfReferenceUID = "1.2.3", "1.2.3.4"
-        ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row, *column)]
-        ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
-        ds.PixelSpacing = [str(v) for v in PIXEL_SPACING]
-        ds.SliceThickness = str(STEP)
-        ds.Rows, ds.Columns = size
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.InstanceNumber = k + 1
-        if tweak is not None:
-            tweak(k, ds)
-        pixels = (np.arange(int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames", 1))) + 100 * k).astype("<u2")
-        ds.PixelData = pixels.tobytes()
-        _save(ds, folder / f"{prefix}{len(positions) - k:03d}.dcm")
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * PIXEL_SPACING[1], column * PIXEL_SPACING[0], normal * STEP
-    lps[:3, 3] = positions[0]
-    return lps
 
 
 def sitk_read(files: list[str]) -> sitk.Image:

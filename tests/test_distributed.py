@@ -16,8 +16,8 @@ import torch
 import torch.multiprocessing as mp
 
 from medcycle.checkpoint import load_checkpoint
-from test_dataset import make_cache
-from test_train import HANG, QUIET, ROOT, TINY, rows
+from helpers import make_cache
+from helpers import HANG, QUIET, ROOT, TINY, rows
 
 WORLD = 2
 

@@ -20,8 +20,8 @@ from medcycle.files import file_checksum
 from medcycle.image import make_image
 from medcycle.io import load_volume
 from helpers import phantom_mr, synthetic_head, write_nifti
-from test_convert import make_checkpoint
-from test_preprocess import AFFINE, OVERRIDES, SHAPE, make_case
+from helpers import make_checkpoint
+from helpers import AFFINE, OVERRIDES, SHAPE, make_case
 
 PIXDIM_Z_OFFSET = 76 + 3 * 4  # NIfTI-1 header: float32 pixdim[8] at byte 76
 

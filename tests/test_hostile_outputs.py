@@ -23,8 +23,8 @@ from medcycle.data import cache
 from medcycle.errors import InputError, MedcycleError, UsageError
 from medcycle.files import file_checksum
 from helpers import oblique_affine, phantom_mr, write_nifti
-from test_convert import make_checkpoint
-from test_preprocess import OVERRIDES, make_case
+from helpers import make_checkpoint
+from helpers import OVERRIDES, make_case
 
 ROOT = Path(__file__).resolve().parents[1]
 

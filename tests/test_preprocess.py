@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import medcycle.jobs.preprocess as preprocess
+from helpers import AFFINE, make_case, OVERRIDES, SHAPE
 from medcycle.config import DataConfig, config_hash, load_config
 from medcycle.data.cache import CaseTiles, load_case_tiles, load_manifest, select_cases
 from medcycle.errors import InputError, MedcycleError, UsageError
@@ -16,32 +17,6 @@ from medcycle.files import file_checksum
 from medcycle.image import affine_of, shape_of
 from medcycle.io import load_volume
 from helpers import oblique_affine, synthetic_head, write_dicom_series, write_mha, write_nifti
-
-SHAPE = (30, 26, 7)
-OVERRIDES = ["data.tile_size=32", "data.spacing=[1.0, 1.0]", "data.min_body_fraction=0.05"]
-AFFINE = np.diag([0.9, 0.9, 2.5, 1.0])
-
-
-def make_case(folder: Path, seed: int, kind: str = "nifti", ct: bool = True, mask: bool = False,
-              affine: np.ndarray = AFFINE, shape=SHAPE) -> Path:
-    """A SynthRAD case folder: mr (and ct) as NIfTI, MHA or DICOM series, optional mask.nii.gz."""
-    mr_array, ct_array, body, _, _ = synthetic_head(shape=shape, seed=seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    if kind == "nifti":
-        write_nifti(folder / "mr.nii.gz", mr_array, affine, dtype=np.int16)
-        if ct:
-            write_nifti(folder / "ct.nii.gz", ct_array, affine, dtype=np.int16)
-    elif kind == "mha":
-        write_mha(folder / "mr.mha", mr_array, affine)
-        if ct:
-            write_mha(folder / "ct.mha", ct_array, affine)
-    elif kind == "dicom":
-        write_dicom_series(folder / "mr", mr_array, affine, modality="MR")
-        if ct:
-            write_dicom_series(folder / "ct", ct_array, affine, modality="CT")
-    if mask:
-        write_nifti(folder / "mask.nii.gz", body, affine, dtype=np.uint8)
-    return folder
 
 
 @pytest.fixture(scope="module")

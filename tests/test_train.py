@@ -5,7 +5,6 @@ second or two; end-to-end tests run the real command line (`python -m medcycle t
 """
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -19,21 +18,17 @@ import torch
 import yaml
 
 import medcycle.jobs.train as train_job
+from helpers import HANG, QUIET, ROOT, rows, TINY
 from medcycle.checkpoint import load_checkpoint, load_generator
 from medcycle.config import load_config
 from medcycle.data.cache import load_manifest
 from medcycle.data.dataset import validation_tiles
 from medcycle.engine.trainer import CycleGANTrainer, active_losses
 from medcycle.errors import InputError, UsageError
-from test_dataset import make_cache
+from helpers import make_cache
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["data.tile_size=32", "data.val_cases=1", "model.gen_width=4", "model.gen_blocks=1", "model.disc_width=4",
-        "train.workers=0", "train.pool_size=3"]
 #: seconds after which a waiting test gives up: only a hang takes that long, but on a shared 2-core machine
 #: starting a process that imports torch and MONAI can take a minute
-HANG = 600
-QUIET = ["train.log_every=1", "train.val_every=1000", "train.image_every=1000", "train.checkpoint_every=1000"]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +39,6 @@ def cache(tmp_path_factory) -> Path:
 
 def train(cache: Path, out: Path, *overrides: str, **kwargs) -> dict:
     return train_job.run(data=cache, out=out, overrides=[*TINY, *overrides], **kwargs)
-
-
-def rows(path: Path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def cli(*args: str, timeout: float = HANG, **popen) -> subprocess.CompletedProcess:

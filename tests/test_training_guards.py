@@ -20,7 +20,7 @@ from medcycle.config import load_config
 from medcycle.engine.loop import Diverged
 from medcycle.engine.trainer import CycleGANTrainer
 from medcycle.errors import InputError, UsageError
-from test_dataset import make_cache
+from helpers import make_cache
 
 TINY = ["data.tile_size=32", "data.val_cases=1", "model.gen_width=4", "model.gen_blocks=1", "model.disc_width=4",
         "train.workers=0", "train.pool_size=3", "train.log_every=1", "train.val_every=1000", "train.image_every=1000"]
