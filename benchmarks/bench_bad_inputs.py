@@ -126,7 +126,7 @@ def make_checkpoint(path: Path) -> None:
     config = Config.from_dict({"data": {"tile_size": 16, "spacing": [1.0, 1.0]},
                                "model": {"gen_width": 4, "gen_blocks": 1, "disc_width": 4, "disc_layers": 1},
                                "train": {"amp": "none"}}).validate()
-    generator = build_generator(config.model.generator, 1, 4, 1)
+    generator = build_generator(1, 4, 1)
     save_checkpoint(path, {"config": config.to_dict(), "iteration": 1, "nets": {"G_mr2ct": generator.state_dict()},
                            "preprocessing": {"data_config": config.to_dict()["data"],
                                              "data_config_hash": config_hash(config.data)}})

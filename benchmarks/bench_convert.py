@@ -106,7 +106,7 @@ def make_checkpoint(path: Path, data: dict, model: dict, amp: str = "auto", seed
 
     config = Config.from_dict({"data": data, "model": model, "train": {"amp": amp}}).validate()
     torch.manual_seed(seed)
-    generator = build_generator(config.model.generator, config.data.context_slices, config.model.gen_width, config.model.gen_blocks)
+    generator = build_generator(config.data.context_slices, config.model.gen_width, config.model.gen_blocks)
     save_checkpoint(path, {
         "config": config.to_dict(),
         "preprocessing": {"data_config": config.to_dict()["data"], "data_config_hash": config_hash(config.data)},
@@ -125,7 +125,7 @@ def demo_settings() -> tuple[dict, dict, str, str]:
         config = load_config(path).to_dict()
         return config["data"], config["model"], config["train"]["amp"], str(path.relative_to(ROOT))
     data = {"tile_size": 64, "context_slices": 3, "spacing": [1.0, 1.0]}
-    model = {"generator": "resnet", "gen_width": 32, "gen_blocks": 6}
+    model = {"gen_width": 32, "gen_blocks": 6}
     return data, model, "auto", "built-in (configs/demo_cpu.yaml absent)"
 
 
@@ -144,7 +144,7 @@ def fit_generator(source: Path, target: Path, mr: np.ndarray, seconds: float, se
     state = load_checkpoint(source)
     config = Config.from_dict(state["config"])
     k, tile = config.data.context_slices, config.data.tile_size
-    generator = build_generator(config.model.generator, k, config.model.gen_width, config.model.gen_blocks)
+    generator = build_generator(k, config.model.gen_width, config.model.gen_blocks)
     generator.load_state_dict(state["nets"]["G_mr2ct"])
     lo, hi = config.data.ct_window
     ct = np.where(mr < 20, -1000.0, np.where(mr < 80, 1200.0, np.where(mr < 200, 10.0, 40.0)))
@@ -303,7 +303,7 @@ def main() -> None:
     large = (128, 128, 60) if args.quick else (512, 512, 300)
     demo_data, demo_model, demo_amp, demo_source = demo_settings()
     big_data = {"tile_size": 96 if args.quick else 256, "context_slices": 1, "spacing": [1.0, 1.0]}
-    big_model = {"generator": "resnet", "gen_width": 64, "gen_blocks": 9}
+    big_model = {"gen_width": 64, "gen_blocks": 9}
     dtype = autocast_dtype("auto", "cpu")
     print(f"medcycle convert benchmark: torch {torch.__version__}, {args.threads} threads, CPU bf16 autocast: "
           f"{'yes' if dtype == torch.bfloat16 else 'no'}; demo config: {demo_source}")

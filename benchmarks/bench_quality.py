@@ -50,13 +50,11 @@ BASE = {
     "data.context_slices": 1,
     "loss.pairing": "unpaired",
     "loss.structure": 0.0,
-    "loss.gradient": 0.0,
     "train.amp": "auto",
 }
 RECIPES = {
     "plain": ("CycleGAN: LSGAN + cycle L1 (identity off, as in the demo), 2D", {}),
     "structure": ("plain + MIND structure loss (Yang et al. 2018)", {"loss.structure": 1.0}),
-    "gradient": ("plain + gradient-consistency loss (Hiasa et al. 2018)", {"loss.gradient": 1.0}),
     "context": ("plain + 2.5D: 3 neighbouring slices as channels", {"data.context_slices": 3}),
     "demo": ("the demo default, `configs/demo_cpu.yaml`: 2.5D + MIND", None),
     "hybrid": ("the demo default + paired L1 on registered pairs (`loss.pairing=hybrid`)", {"loss.pairing": "hybrid"}),
