@@ -311,8 +311,8 @@ def _optimise(matrix: Any, target: np.ndarray, oar: np.ndarray, body: np.ndarray
     target (priority 1000), squared overdosing above half of it in the organ at risk (10) and
     above 80 % of it in the rest of the body (1), each a mean over its voxels.
 
-    pyRadPlan's own optimiser is not used: its plan properties cannot cap the iterations (the
-    L-BFGS-B default of 500 takes minutes on 2 cores) and it listens to the keyboard."""
+    pyRadPlan's own optimiser is not used: its plan properties cannot cap the iterations, and its
+    default of 500 L-BFGS-B iterations took 70 of the 90 s of a small plan (docs/results/dose.md)."""
     from scipy.optimize import minimize
 
     matrix = matrix.tocsr()
@@ -391,7 +391,8 @@ def make_plan(ct: np.ndarray, spacing: Sequence[float], settings: PlanSettings,
               target: Optional[np.ndarray] = None) -> DosePlan:
     """Optimise the automatic plan of `settings` on `ct` (HU, (X, Y, Z)); `target` (bool, same
     shape) or :func:`default_target`. Needs the ``dose`` extra (ImportError otherwise)."""
-    from pyRadPlan import IonPlan, PhotonPlan, calc_dose_influence, generate_stf
+    with _quiet_engine():  # pyRadPlan's first import warns about its own type annotations
+        from pyRadPlan import IonPlan, PhotonPlan, calc_dose_influence, generate_stf
 
     start = time.perf_counter()
     hu, sp = _check_volume(ct, spacing, "ct")
@@ -434,7 +435,8 @@ def make_plan(ct: np.ndarray, spacing: Sequence[float], settings: PlanSettings,
 def recompute(plan: DosePlan, hu: np.ndarray) -> np.ndarray:
     """The dose of `plan` (same beams, bixels, spots and weights) on another image of the CT's grid
     (the sCT), on the plan's dose grid, Gy per fraction."""
-    from pyRadPlan import calc_dose_influence
+    with _quiet_engine():
+        from pyRadPlan import calc_dose_influence
 
     image, _ = _check_volume(hu, plan.ct_spacing, "sct")
     if image.shape != plan.ct_shape:
