@@ -35,6 +35,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -53,7 +54,7 @@ DOSE_METRIC_KEYS = ("dose_error", "gamma_pass", "target_d98", "oar_dmean", "oar_
 
 __all__ = [
     "DOSE_METRIC_KEYS", "MODALITIES", "PRESCRIPTION_GY", "DosePlan", "DoseResult", "PlanSettings",
-    "available", "brain_region", "default_target", "dose_metrics", "dvh_metrics", "evaluate_dose",
+    "available", "brain_region", "default_target", "dose_figure", "dose_metrics", "dvh_metrics", "evaluate_dose",
     "gamma_pass_rate", "high_dose_error", "make_plan", "organ_at_risk", "recompute", "unavailable_reason",
 ]
 
@@ -477,3 +478,39 @@ def evaluate_dose(ct: np.ndarray, sct: np.ndarray, spacing: Sequence[float], mod
     return DoseResult(modality=modality, metrics=metrics, dose_ct=plan.dose, dose_sct=dose_sct,
                       dose_spacing=plan.dose_spacing, target=plan.dose_target, plan_seconds=plan.seconds,
                       recompute_seconds=recompute_seconds)
+
+
+def dose_figure(path: str | Path, result: DoseResult, prescription_gy: float = PRESCRIPTION_GY,
+                title: str = "") -> Path:
+    """Write a PNG of the axial dose-grid slice through the target's centre: the CT plan's dose,
+    the same plan on the sCT, and their difference in % of the prescription; atomically. With RAS
+    (X, Y, Z) arrays it is shown as medcycle's other figures are: anterior up, the patient's right
+    on the left."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from medcycle.io import atomic_write
+
+    z = int(round(ndimage.center_of_mass(result.target)[2])) if result.target.any() else result.dose_ct.shape[2] // 2
+    planes = [result.dose_ct[:, :, z], result.dose_sct[:, :, z],
+              100.0 * (result.dose_sct[:, :, z] - result.dose_ct[:, :, z]) / prescription_gy]
+    limit = max(float(np.abs(planes[2]).max()), 1.0)
+    figure = Figure(figsize=(11, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    aspect = result.dose_spacing[1] / result.dose_spacing[0]
+    for axes, plane, name, style in zip(
+            figure.subplots(1, 3), planes, (f"{result.modality} plan on the CT (Gy)", "same plan on the sCT (Gy)",
+                                             "sCT - CT (% of prescription)"),
+            ({"cmap": "jet", "vmin": 0.0, "vmax": 1.1 * prescription_gy},) * 2
+            + ({"cmap": "RdBu_r", "vmin": -limit, "vmax": limit},)):
+        image = axes.imshow(plane.T[::-1, ::-1], aspect=aspect, **style)  # anterior up, patient's right left
+        axes.set_title(name, fontsize=9)
+        axes.axis("off")
+        figure.colorbar(image, ax=axes, shrink=0.8)
+    m = result.metrics
+    figure.suptitle(title or (f"dose error {m['dose_error']:.2f} %, gamma 2%/2mm {m['gamma_pass']:.1f} %, "
+                              f"target D98 {m['target_d98']:+.2f} %"), fontsize=10)
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+    return path

@@ -199,6 +199,18 @@ def test_dose_metrics_of_identical_and_different_doses():
     assert hotter["oar_dmean"] > 0 and hotter["oar_d2"] > 0 and hotter["gamma_pass"] < 100.0
 
 
+def test_dose_figure_is_written(tmp_path):
+    ref = _synthetic_dose()
+    target = ref >= 1.9
+    result = dose.DoseResult(modality="proton", metrics={"dose_error": 1.0, "gamma_pass": 97.5, "target_d98": -0.5,
+                                                         "oar_dmean": 0.1, "oar_d2": 0.2},
+                             dose_ct=ref, dose_sct=ref * 1.02, dose_spacing=(2.0, 2.0, 2.0), target=target,
+                             plan_seconds=1.0, recompute_seconds=1.0)
+    path = dose.dose_figure(tmp_path / "case" / "dose_proton.png", result)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert [p.name for p in path.parent.iterdir()] == ["dose_proton.png"]  # no temporary file left
+
+
 # --------------------------------------------------------------------------------------------------
 # the engine (pyRadPlan) on a tiny head
 
@@ -242,8 +254,8 @@ def test_bone_set_to_soft_tissue_shows_in_the_proton_dose(plans):
     no_bone = np.where(hu >= 250, 40.0, hu).astype(np.float32)
     proton = _score(by_modality["proton"], no_bone)
     photon = _score(by_modality["photon"], no_bone)
-    assert proton["dose_error"] > 1.5
-    assert proton["gamma_pass"] < 97.0
+    assert proton["dose_error"] > 5.0  # measured 9.3 % (docs/results/dose.md)
+    assert proton["gamma_pass"] < 97.0  # measured 94.2 %
     # photons barely notice (the observation: photon gamma saturates)
     assert photon["gamma_pass"] > proton["gamma_pass"]
     assert 0 < photon["dose_error"] < proton["dose_error"]
@@ -254,8 +266,8 @@ def test_a_2_mm_shift_shows_in_the_proton_dose(plans):
     hu, by_modality = plans
     shifted = ndimage.shift(hu, (2.0 / SPACING[0], 0.0, 0.0), order=1, mode="nearest").astype(np.float32)
     proton = _score(by_modality["proton"], shifted)
-    assert proton["dose_error"] > 0.5
-    assert proton["gamma_pass"] < 99.0
+    assert proton["dose_error"] > 1.5  # measured 2.9 %
+    assert proton["gamma_pass"] < 99.0  # measured 97.4 %
 
 
 @needs_engine
