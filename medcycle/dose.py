@@ -17,9 +17,10 @@ energies and weights) is recomputed on the sCT, and the two doses are compared:
 The dose engine is pyRadPlan (pencil beams of matRad, which SynthRAD2023 used: SVD pencil beam for
 photons, Hong pencil beam for protons) and gamma comes from pymedphys, both in the optional extra
 ``pip install "medcycle[dose]"``; they are imported only when a plan is made. Without them,
-:func:`available` is False and :func:`unavailable_reason` says why; the functions on dose arrays
-(:func:`dose_metrics`, :func:`dvh_metrics`, :func:`high_dose_error`) and the plan geometry
-(:func:`brain_region`, :func:`default_target`, :func:`organ_at_risk`) need only numpy and scipy.
+:func:`available` is False and :func:`unavailable_reason` says why. The plan geometry
+(:func:`brain_region`, :func:`default_target`, :func:`organ_at_risk`), the figures on dose arrays
+(:func:`high_dose_error`, :func:`dvh_metrics`) and :func:`dose_figure` need no extra;
+:func:`gamma_pass_rate` and so :func:`dose_metrics` need pymedphys only.
 
 Arrays are numpy ``(X, Y, Z)`` with ``spacing`` the voxel size in mm along those axes and Z the
 cranio-caudal axis (axial slices along Z, as :mod:`medcycle.jobs.evaluate` orients volumes): the
