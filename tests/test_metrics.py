@@ -297,3 +297,86 @@ def test_speed_of_a_tile_and_a_volume():
     start = time.perf_counter()
     image_metrics(pred, ref, mask)
     assert time.perf_counter() - start < 1.5
+
+
+# --------------------------------------------------------------------------------------------------
+# MS-SSIM (SynthRAD2025)
+
+
+def _official_ms_ssim(pred, ref, mask, dynamic_range=(-1024.0, 3071.0)):
+    """SynthRAD2025/evaluation ImageMetrics.ms_ssim (after score_patient's masking), transcribed
+    step by step with its names: clip, mask, shift, pad to 97, five scales, masked means."""
+    from scipy.ndimage import uniform_filter
+    from scipy.signal import fftconvolve
+    from skimage.util import crop
+
+    lo, hi = dynamic_range
+    m = np.where(mask > 0, 1.0, 0.0)
+    gt = np.where(m == 0, lo, np.clip(ref.astype(np.float64), lo, hi)) - lo
+    pr = np.where(m == 0, lo, np.clip(pred.astype(np.float64), lo, hi)) - lo
+    scale_weights = np.array([0.0448, 0.2856, 0.3001, 0.2363, 0.1333])
+    luminance_weights = np.array([0, 0, 0, 0, 0, 0.1333])
+    pads = [(max((97 - d) // 2, 0), max(97 - d - (97 - d) // 2, 0)) for d in gt.shape]
+    gt, pr, m = (np.pad(a, pads, mode="edge") for a in (gt, pr, m))
+    values = []
+    for level in range(5):
+        ux, uy = uniform_filter(gt, size=7), uniform_filter(pr, size=7)
+        cov = 343 / 342
+        vx = cov * (uniform_filter(gt * gt, size=7) - ux * ux)
+        vy = cov * (uniform_filter(pr * pr, size=7) - uy * uy)
+        vxy = cov * (uniform_filter(gt * pr, size=7) - ux * uy)
+        c1, c2 = (0.01 * (hi - lo)) ** 2, (0.03 * (hi - lo)) ** 2
+        sx, sy = np.clip(vx, 0, None) ** 0.5, np.clip(vy, 0, None) ** 0.5
+        lum = np.clip((2 * ux * uy + c1) / (ux * ux + uy * uy + c1), 0, None)
+        con = np.clip((2 * sx * sy + c2) / (vx + vy + c2), 0, None)
+        st = np.clip((vxy + c2 / 2) / (sx * sy + c2 / 2), 0, None)
+        ssim_map = lum ** luminance_weights[level] * con ** scale_weights[level] * st ** scale_weights[level]
+        values.append(crop(ssim_map, 3)[crop(m, 3).astype(bool)].mean(dtype=np.float64))
+        box = np.ones((2, 2, 2)) / 8
+        gt, pr = (fftconvolve(a, box, mode="same")[::2, ::2, ::2] for a in (gt, pr))
+        m = m[::2, ::2, ::2]
+    return float(np.prod(np.clip(values, 0, 1)))
+
+
+def _ms_head(shape=(30, 28, 20)):
+    rng = np.random.default_rng(7)
+    ref = np.full(shape, -1000.0, dtype=np.float32)
+    mask = _ball(shape, 0.42)
+    ref[mask] = 40.0
+    ref[_ball(shape, 0.42) & ~_ball(shape, 0.34)] = 1300.0  # a skull
+    ref += rng.normal(0, 15, shape).astype(np.float32)
+    return ref, mask
+
+
+def test_ms_ssim_of_identical_volumes_is_one():
+    ref, mask = _ms_head()
+    assert metrics.ms_ssim(ref, ref.copy(), mask) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_ms_ssim_equals_the_official_computation():
+    ref, mask = _ms_head()
+    pred = ref + np.random.default_rng(3).normal(0, 120, ref.shape).astype(np.float32)
+    pred[3, 4, 5] = 3050.0  # above the 2023 window, inside the 2025 one
+    value = metrics.ms_ssim(pred, ref, mask)
+    assert 0.3 < value < 0.999
+    assert value == pytest.approx(_official_ms_ssim(pred, ref, mask), abs=1e-9)
+    big = (100, 98, 9)  # one axis below 97 (padded), two above (not)
+    ref2 = np.random.default_rng(4).normal(0, 500, big).astype(np.float32)
+    pred2 = ref2 + np.random.default_rng(5).normal(0, 200, big).astype(np.float32)
+    mask2 = _ball(big, 0.45)
+    assert metrics.ms_ssim(pred2, ref2, mask2) == pytest.approx(_official_ms_ssim(pred2, ref2, mask2), abs=1e-9)
+
+
+def test_ms_ssim_drops_for_a_2_mm_shift_and_ignores_the_outside():
+    ref, mask = _ms_head()
+    shifted = np.roll(ref, 2, axis=0)  # 2 voxels of 1 mm
+    value = metrics.ms_ssim(shifted, ref, mask)
+    assert value < 0.98
+    outside = ref.copy()
+    outside[~mask] = 2000.0
+    assert metrics.ms_ssim(outside, ref, mask) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_ms_ssim_needs_3d():
+    with pytest.raises(ValueError, match="3D"):
+        metrics.ms_ssim(np.zeros((20, 20)), np.zeros((20, 20)), np.ones((20, 20)))
