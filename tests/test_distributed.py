@@ -66,19 +66,23 @@ def _gradients_are_averaged(cache: Path, rank: int) -> float:
     return worst
 
 
+def _native_threads() -> list[str]:
+    """Names of this process's native threads (Linux)."""
+    return sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
+
+
 def _worker(rank: int, port: int, cache: str, out: str, overrides: list, results: str, grad_check: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
     import medcycle.jobs.train as train_job
+    from medcycle.engine import distributed
     from medcycle.errors import MedcycleError
 
     report: dict = {}
+    ctx = distributed.setup("cpu") if grad_check else None  # the group, for the check before training
     try:
         if grad_check:
-            import torch.distributed as dist
-
-            dist.init_process_group("gloo", rank=rank, world_size=WORLD)
             report["grad_error"] = _gradients_are_averaged(Path(cache), rank)
         summary = train_job.run(data=cache, out=out, overrides=[*TINY, *overrides])
         report.update(iteration=summary["iteration"], digest=summary["digest"])
@@ -87,11 +91,10 @@ def _worker(rank: int, port: int, cache: str, out: str, overrides: list, results
     except SystemExit as exc:
         report.update(error="exit", code=exc.code)
     finally:
-        if grad_check:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        if ctx is not None:
+            ctx.close()
+    # the process group is gone with its threads: none is left to run into the interpreter's exit
+    report["threads_left"] = [name for name in _native_threads() if "gloo" in name or "tcpstore" in name]
     Path(results, f"rank{rank}.json").write_text(json.dumps(report))
 
 
@@ -107,6 +110,7 @@ def test_ddp_averages_gradients_and_keeps_the_ranks_identical(cache, tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(cache), str(out), overrides, str(results), True), nprocs=WORLD, join=True)
     reports = _reports(results)
     assert all(r["grad_error"] < 1e-5 for r in reports), reports
+    assert [r["threads_left"] for r in reports] == [[], []]
     assert reports[0]["iteration"] == reports[1]["iteration"] == 6
     assert reports[0]["digest"] == reports[1]["digest"]  # different data on each rank, identical weights
     state = load_checkpoint(out / "last.pt")
@@ -143,6 +147,8 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_iteration(cache, tmp_p
                 process.kill()
     reports = _reports(results)
     assert reports[0]["code"] == reports[1]["code"] == 128 + signal.SIGTERM
+    assert [r["threads_left"] for r in reports] == [[], []]
+    assert [p.exitcode for p in context.processes] == [0, 0]
     assert "stopped by SIGTERM at iteration" in reports[0]["error"]
     stopped_at = int(reports[0]["error"].split("at iteration ")[1].split(";")[0])
     assert load_checkpoint(out / "last.pt")["iteration"] == stopped_at

@@ -95,6 +95,19 @@ def _env_int(name: str, default: int) -> int:
         raise UsageError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _import_before_group() -> None:
+    """Import what DistributedDataParallel imports lazily, before the process group exists.
+
+    DDP's first use imports ``torch._dynamo``, which imports ``torch.distributed.nn.functional``, whose
+    functions take ``group=group.WORLD`` as a default argument: imported while a group exists, they keep
+    it alive for good. ``destroy_process_group()`` then leaves the group's gloo threads running until the
+    interpreter exits, where one of them may free the last tensor of a collective, needs the GIL, is
+    ended by the finalising interpreter inside a C++ destructor and aborts the process ("terminate called
+    without an active exception", SIGABRT): a rank that finished its work then fails at random.
+    """
+    import torch._dynamo  # noqa: F401
+
+
 def setup(device: Optional[str] = None) -> DistContext:
     """The device (``cpu``/``cuda``, default cuda when available) and, under torchrun, the process group."""
     if device not in (None, "cpu", "cuda"):
@@ -118,6 +131,7 @@ def setup(device: Optional[str] = None) -> DistContext:
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            _import_before_group()
             backend = "nccl" if dev.type == "cuda" else "gloo"
             dist.init_process_group(backend=backend, timeout=timedelta(minutes=30),
                                     device_id=dev if dev.type == "cuda" else None)
