@@ -9,21 +9,27 @@ Conventions (those of :mod:`medcycle.io`): arrays are ``(X, Y, Z)`` in the file'
 fixed image's world to the point of the moving image's world showing the same anatomy (ITK's
 fixed-to-moving direction, the one resampling needs): ``resampled(p) = moving(T @ p)``.
 
-Method: the two bodies' centroids are matched first (body masks: a CT's couch or another field of
-view matter little, and no intensity moments of two modalities are compared); then a rigid (Euler)
-transform about the fixed body's centroid is optimised by L-BFGS-B, coarse to fine (shrink 4-2-1
-where the grid allows, Gaussian smoothing 2-1-0 voxels), on Mattes mutual information at a fixed
-number of random points in the fixed body and a margin of air around it (fixed seed: the same
-inputs give the same transform).
+Method: the two bodies' centroids are matched (body masks: a CT's couch or another field of view
+matter little, and no intensity moments of two modalities are compared), and of the cube's 24
+orientations the one with the best mutual information on coarse images is kept (the images' own
+unless another is clearly better), so that a gross pose error is found and then reported rather
+than ending in a wrong nearby optimum. From there a rigid (Euler) transform about the fixed body's
+centroid is optimised by L-BFGS-B within bounds, coarse to fine (shrink 4-2-1 where the grid
+allows, Gaussian smoothing 2-1-0 voxels), on Mattes mutual information at a fixed number of random
+points in the fixed body and a margin of air around it (fixed seed: the same inputs give the same
+transform). Lengths are in units of the body's radius inside the optimisation, so that a unit step
+turns or shifts the body alike.
 
-A registration that fails is reported, not used: the bodies overlap
-with a Dice below :data:`MIN_DICE` inside the common field of view, less than :data:`MIN_COVERAGE`
-of the fixed body lies inside the moving image, the rotation exceeds :data:`MAX_ROTATION_DEG`, the
-mutual information ends worse than with the images as they lie, or the optimiser stopped at its
-iteration or evaluation limit on the finest level (not converged).
+A registration that fails is reported, not used, when: the bodies overlap with a Dice below
+:data:`MIN_DICE` inside the common field of view; less than :data:`MIN_COVERAGE` of the fixed body
+lies inside the moving image; the rotation exceeds :data:`MAX_ROTATION_DEG`; the mutual information
+ends worse than with the images as they lie; the optimiser stopped at its iteration or evaluation
+limit on the finest level (not converged); or SimpleITK gave up (no sample left inside the moving
+image).
 """
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +61,9 @@ MAX_ITERATIONS = 100
 MAX_EVALUATIONS = 500
 COST_CONVERGENCE = 1e9  # stop when an iteration improves the metric by < 2e-7 relative
 GRADIENT_TOLERANCE = 1e-5
+SEARCH_SPACING_MM = 6.0  # the orientation search compares poses on images this coarse
+SEARCH_MARGIN = 0.1  # relative MI gain another orientation needs over the images' own
+MAX_STEP_FROM_START = 1.0  # bound of every parameter: 1 radian (57 degrees), 1 body radius (~70 mm)
 INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
 
 TransformLike = Union[np.ndarray, "RigidResult"]
@@ -233,6 +242,12 @@ def _centroid(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.asarray(affine)[:3, :3] @ centre + np.asarray(affine)[:3, 3]
 
 
+def _radius(mask: np.ndarray, affine: np.ndarray, centre: np.ndarray) -> float:
+    """Root-mean-square distance (mm) of the body's voxels from `centre` (every 2nd voxel per axis)."""
+    points = np.argwhere(mask[::2, ::2, ::2]) * 2.0 @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    return float(np.sqrt(((points - centre) ** 2).sum(axis=1).mean())) if len(points) else 1.0
+
+
 def _spacing(affine: np.ndarray) -> np.ndarray:
     return np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
 
@@ -301,6 +316,36 @@ def _common_fov_overlap(fixed_body: np.ndarray, fixed_affine: np.ndarray, moving
     return dice, coverage
 
 
+def _coarse(image: sitk.Image, mm_per_unit: float) -> sitk.Image:
+    """`image` block-averaged to voxels of about :data:`SEARCH_SPACING_MM`."""
+    factors = [max(1, round(SEARCH_SPACING_MM / (s * mm_per_unit))) for s in image.GetSpacing()]
+    return sitk.BinShrink(sitk.Cast(image, sitk.sitkFloat32), factors)
+
+
+def _starting_pose(fixed: sitk.Image, moving: sitk.Image, region: sitk.Image, centre: np.ndarray,
+                   shift: np.ndarray, units_per_mm: float) -> np.ndarray:
+    """The start (RAS matrix, body-radius units): centroids matched, in the best of the cube's 24 orientations.
+
+    Mutual information is compared on coarse images; another orientation than the images' own is
+    taken only when clearly better (:data:`SEARCH_MARGIN`). A pose error the optimiser could not
+    recover (a head on its side, a header's flipped axes) then ends far from the images' own
+    orientation and is reported (rotation), rather than stuck in a wrong nearby optimum.
+    """
+    fixed, moving = _coarse(fixed, 1.0 / units_per_mm), _coarse(moving, 1.0 / units_per_mm)
+    region = sitk.Cast(_coarse(region, 1.0 / units_per_mm) > 0, sitk.sitkUInt8)
+    rotations = Rotation.create_group("O").as_matrix()
+    rotations = rotations[np.argsort([-np.trace(r) for r in rotations], kind="stable")]  # the identity first
+    poses, values = [], []
+    for rotation in rotations:
+        pose = np.eye(4)
+        pose[:3, :3] = rotation
+        pose[:3, 3] = centre + shift - rotation @ centre  # turned about the fixed body's centroid
+        poses.append(pose)
+        values.append(_metric_value(fixed, moving, region, pose))
+    best = int(np.argmin(values))
+    return poses[best] if values[best] < values[0] - SEARCH_MARGIN * abs(values[0]) else poses[0]
+
+
 def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray, *,
                    fixed_mask: np.ndarray | None = None, moving_mask: np.ndarray | None = None,
                    name: str = "the moving image", fixed_name: str = "the fixed image",
@@ -316,15 +361,22 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     start = time.perf_counter()
     fixed, fixed_affine, fixed_body = _prepared(fixed, fixed_affine, fixed_mask, fixed_name)
     moving, moving_affine, moving_body = _prepared(moving, moving_affine, moving_mask, name)
-    fixed_image = _sitk_image(fixed, fixed_affine)
-    moving_image = _sitk_image(moving, moving_affine)
     region = _metric_region(fixed_body, fixed_affine)
-    region_image = _sitk_image(region, fixed_affine, sitk.sitkUInt8)
-
+    # the optimiser works in units of the body's radius: a unit step of a rotation (radian) and of a
+    # translation then move the body alike (L-BFGS-B takes no parameter scales; in millimetres its
+    # first steps turn the head by radians and it stops early in flat valleys, millimetres off)
     centre = _centroid(fixed_body, fixed_affine)
-    initial = sitk.Euler3DTransform()
-    initial.SetCenter((LPS_TO_RAS[:3, :3] @ centre).tolist())
-    initial.SetTranslation((LPS_TO_RAS[:3, :3] @ (_centroid(moving_body, moving_affine) - centre)).tolist())
+    to_units = np.diag([1.0 / _radius(fixed_body, fixed_affine, centre)] * 3 + [1.0])
+    fixed_image = _sitk_image(fixed, to_units @ fixed_affine)
+    moving_image = _sitk_image(moving, to_units @ moving_affine)
+    region_image = _sitk_image(region, to_units @ fixed_affine, sitk.sitkUInt8)
+    # the starting pose is a fixed part of the transform, so the optimiser's bounds
+    # (MAX_STEP_FROM_START) count from there
+    centre_units = to_units[:3, :3] @ centre
+    shift_units = to_units[:3, :3] @ (_centroid(moving_body, moving_affine) - centre)
+    start_pose = _starting_pose(fixed_image, moving_image, region_image, centre_units, shift_units, to_units[0, 0])
+    rigid = sitk.Euler3DTransform()
+    rigid.SetCenter((LPS_TO_RAS[:3, :3] @ centre_units).tolist())
 
     factors = _shrink_factors(fixed_affine)
     region_fraction = float(region.mean())
@@ -332,34 +384,36 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     _mattes(method)
     method.SetMetricSamplingPercentagePerLevel(_sampling_percentages(fixed.shape, region_fraction, factors), SEED)
     method.SetMetricFixedMask(region_image)
-    # L-BFGS-B (which takes no parameter scales: its curvature estimate finds the radian/mm balance);
-    # measured against regular-step and plain gradient descent with physical-shift scales, which
-    # crawl along the rotations or oscillate in translation on this metric (docs/results/registration.md)
+    # L-BFGS-B: regular-step and plain gradient descent with physical-shift scales crawl along the
+    # rotations or oscillate in translation on this metric (docs/results/registration.md)
     method.SetOptimizerAsLBFGSB(gradientConvergenceTolerance=GRADIENT_TOLERANCE, numberOfIterations=MAX_ITERATIONS,
                                 maximumNumberOfCorrections=5, maximumNumberOfFunctionEvaluations=MAX_EVALUATIONS,
-                                costFunctionConvergenceFactor=COST_CONVERGENCE)
+                                costFunctionConvergenceFactor=COST_CONVERGENCE,
+                                lowerBound=-MAX_STEP_FROM_START, upperBound=MAX_STEP_FROM_START)
     method.SetShrinkFactorsPerLevel(factors)
     method.SetSmoothingSigmasPerLevel([SMOOTHING_SIGMAS[f] for f in factors])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    method.SetInitialTransform(initial, inPlace=False)
+    method.SetMovingInitialTransform(_itk_transform(start_pose))
+    method.SetInitialTransform(rigid, inPlace=False)
     evaluations: list[int] = []  # metric evaluations per level (what the time goes into)
     method.AddCommand(sitk.sitkMultiResolutionIterationEvent, lambda: evaluations.append(0))
     method.AddCommand(sitk.sitkIterationEvent, lambda: evaluations.__setitem__(-1, evaluations[-1] + 1))
+    failures = []
     try:
-        final = method.Execute(fixed_image, moving_image)
-    except RuntimeError as exc:  # e.g. every sample maps outside the moving image
-        reason = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else "SimpleITK error"
-        raise InputError(f"{name}: rigid registration onto {fixed_name} failed ({reason})") from None
-    stop = method.GetOptimizerStopConditionDescription()
-    iterations = method.GetOptimizerIteration()  # of the finest level
-    matrix = _ras_matrix(final)
+        optimised = _ras_matrix(method.Execute(fixed_image, moving_image))
+        stop, iterations = method.GetOptimizerStopConditionDescription(), method.GetOptimizerIteration()
+    except RuntimeError as exc:  # e.g. the optimiser moved every sample outside the moving image
+        lines = str(exc).strip().splitlines() or ["SimpleITK error"]
+        stop, iterations, optimised = re.sub(r"^.*\(0x[0-9a-f]+\):\s*", "", lines[-1])[:120], 0, np.eye(4)
+        failures.append(f"SimpleITK stopped: {stop}")
+    units_matrix = start_pose @ optimised  # ITK applies the optimised transform first
+    matrix = np.linalg.inv(to_units) @ units_matrix @ to_units  # back to millimetres
 
     check_fixed, check_region = _subsampled(fixed_image), _subsampled(region_image)
     metric_before = _metric_value(check_fixed, moving_image, check_region, np.eye(4))
-    metric_after = _metric_value(check_fixed, moving_image, check_region, matrix)
+    metric_after = _metric_value(check_fixed, moving_image, check_region, units_matrix)
     dice, coverage = _common_fov_overlap(fixed_body, fixed_affine, moving_body, moving_affine, matrix)
 
-    failures = []
     if coverage < MIN_COVERAGE:
         failures.append(f"only {coverage:.0%} of the fixed body lies inside the moving image (< {MIN_COVERAGE:.0%})")
     if dice < MIN_DICE:

@@ -184,12 +184,15 @@ def test_unrelated_image_is_reported_as_failure(head) -> None:
     assert any("Dice" in failure for failure in result.failures)
 
 
-def test_implausible_rotation_is_reported_as_failure(head) -> None:
+@pytest.mark.parametrize("axis, degrees", [((1.0, 0.0, 0.0), 90.0), ((0.0, 0.0, 1.0), 180.0)])
+def test_implausible_pose_is_found_and_reported_as_failure(axis, degrees: float, head) -> None:
+    """A head on its side, or facing backwards (a header's flipped axes): not a nearby wrong optimum passed as ok."""
     points = head_points(head.mask, head.affine)
-    lying = motion(points.mean(axis=0), axis=(1.0, 0.0, 0.0), degrees=90.0, shift=(0.0, 0.0, 0.0))
-    result = register_rigid(head.mr, head.affine, head.ct, lying @ head.affine, check=False)
+    truth = motion(points.mean(axis=0), axis=axis, degrees=degrees, shift=(0.0, 0.0, 0.0))
+    result = register_rigid(head.mr, head.affine, head.ct, truth @ head.affine, check=False)
     assert not result.ok
     assert any("rotation" in failure for failure in result.failures)
+    assert transform_error(result.matrix, truth, points)[0] <= 1.5  # found, then refused as implausible
 
 
 def test_unconverged_optimiser_is_reported_as_failure(head, monkeypatch) -> None:
