@@ -94,3 +94,29 @@ def test_dicom_series_reads_back_as_the_same_volume_in_the_same_place(tmp_path):
     from_nifti, nifti_affine = rs.load_ras(nifti)
     np.testing.assert_array_equal(from_dicom, from_nifti)
     np.testing.assert_allclose(dicom_affine, nifti_affine, atol=1e-5)
+
+
+def test_real_anatomy_resamples_through_world_space_and_scores_bone_and_brain():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import real_anatomy as ra
+
+    values = np.zeros((4, 4, 4), dtype=np.float32)
+    values[1, 2, 3] = 8.0
+    coarse = np.diag([2.0, 2.0, 2.0, 1.0])
+    fine = np.diag([1.0, 1.0, 1.0, 1.0])
+    out = ra.resample_onto(values, coarse, (8, 8, 8), fine, order=0, cval=-1.0)
+    assert out[2, 4, 6] == 8.0 and out[4, 4, 4] == 0.0  # voxel (1, 2, 3) of the 2 mm grid lies at (2, 4, 6) mm
+    assert out[7, 7, 7] == -1.0  # beyond the 2 mm grid: cval
+    head = np.zeros((10, 10, 10), dtype=bool)
+    head[1:9, 1:9, 1:9] = True
+    brain = np.zeros_like(head)
+    brain[3:7, 3:7, 3:7] = True
+    template = np.where(head, 30.0, -1000.0).astype(np.float32)
+    template[1, 1:9, 1:9] = 700.0  # a bone plate
+    sct = template.copy()
+    sct[3, 3:7, 3:7] = 400.0  # "bone" in the brain: 16 of its 64 voxels
+    result = ra.figures(sct, {"head": head, "brain": brain, "template": template})
+    bone_ref, bone_sct = 64, 64 + 16
+    assert result["bone_dice"] == pytest.approx(2 * 64 / (bone_ref + bone_sct))
+    assert result["brain_bone_percent"] == pytest.approx(25.0) and result["brain_median_hu"] == pytest.approx(30.0)
+    assert result["mae_head_hu"] == pytest.approx(16 * 370.0 / head.sum())
