@@ -25,9 +25,8 @@ temporary name and renamed; an output that exists is kept (delete it to rebuild 
 
 ``views`` draws the three central planes of every scan in RAS (orientation check). ``diagnose``
 measures what ``medcycle preprocess`` cached (body mask, what lies outside the body in the tiles,
-what a tile cuts) against the prototype fixes below (``holder_free_body_mask``,
-``air_outside_body``, ``tile_cut_report``, ``body_part_check``), and adds devices the real scans
-lack (a holder touching the head, a frame, a thermoplastic mask, skin markers) to the real head CT.
+what a tile cuts, medcycle's head check) and adds devices the real scans lack (a holder touching the
+head, a frame, a thermoplastic mask, skin markers) to the real head CT to measure the CT body mask.
 """
 from __future__ import annotations
 
@@ -585,9 +584,7 @@ class ModelGrid:
     """One scan on the model grid, as medcycle's shared chain leaves it."""
 
     modality: str  # mr | ct
-    normalised: np.ndarray  # (X, Y, Z) what the tiles are cut from, in [-1, 1]
-    image: np.ndarray  # (X, Y, Z) for pictures and tissue tests: CT in HU, MR normalised
-    raw: np.ndarray  # (X, Y, Z) the input's own values (HU, MR units): what body masks are computed from
+    image: np.ndarray  # (X, Y, Z) for pictures and tissue tests: CT in HU, MR normalised to [-1, 1]
     mask: np.ndarray  # (X, Y, Z) bool body mask
     spacing: tuple[float, float, float]
     original_axcodes: str
@@ -595,229 +592,43 @@ class ModelGrid:
 
 
 def on_model_grid(source: Path, modality: str, data_cfg) -> ModelGrid:
-    """Run medcycle's volume chain (orientation, spacing, body mask, normalisation) on one file.
-
-    The MR's own values on the model grid (which the chain normalises and clips) come from a second
-    pass through the CT key with a plain linear window (no knots): an MR's values lie inside it and
-    :func:`norm_to_hu` gives them back.
-    """
-    import dataclasses
-
+    """Run medcycle's volume chain (orientation, spacing, body mask, normalisation) on one file."""
     import nibabel as nib
 
     _, transforms = _medcycle()
+    from medcycle.image import ORIGINAL_AFFINE_KEY
+
     out = transforms.volume_transforms(data_cfg, [modality])({modality: str(source)})
-    normalised = out[modality].as_tensor()[0].numpy().astype(np.float32)
-    linear = dataclasses.replace(data_cfg, ct_knots=[])
+    image = out[modality].as_tensor()[0].numpy().astype(np.float32)
     if modality == "ct":
-        raw = transforms.norm_to_hu(out["ct"].as_tensor().clone(), data_cfg)[0].numpy().astype(np.float32)
-    else:
-        plain = transforms.volume_transforms(linear, ["ct"])({"ct": str(source)})["ct"]
-        raw = transforms.norm_to_hu(plain.as_tensor().clone(), linear)[0].numpy().astype(np.float32)
+        image = transforms.HUCodec.from_config(data_cfg).decode(image)
     affine = np.asarray(out[modality].affine, dtype=np.float64)
-    original = np.asarray(out[modality].meta[transforms.ORIGINAL_AFFINE_KEY])
+    original = np.asarray(out[modality].meta[ORIGINAL_AFFINE_KEY])
     dtype = "DICOM uint16" if source.is_dir() else str(nib.load(str(source)).get_data_dtype())
-    return ModelGrid(modality, normalised, raw if modality == "ct" else normalised, raw, out["mask"][0].numpy() > 0,
+    return ModelGrid(modality, image, out["mask"][0].numpy() > 0,
                      tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)),
                      "".join(nib.aff2axcodes(original)), dtype)
 
 
-def tile_window(shape: Sequence[int], start: Sequence[int], size: int) -> np.ndarray:
-    """(X, Y) bool: the in-plane pixels of the volume inside the tile window."""
-    inside = np.zeros(tuple(shape[:2]), dtype=bool)
-    x0, y0 = start
-    inside[max(x0, 0):max(x0 + size, 0), max(y0, 0):max(y0 + size, 0)] = True
-    return inside
-
-
-def tile_cut_report(mask: np.ndarray, start: Sequence[int], size: int, slices: Sequence[int],
-                    spacing: Sequence[float]) -> dict:
-    """How much body a tile plan loses: in-plane (outside the window) and on the dropped slices.
-
-    Proposal (c): medcycle reports ``cut_percent`` per case (and warns above 0) and names the
-    tile size at this spacing, or the spacing at this tile size, that would hold the body.
-    """
-    body = int(mask.sum())
-    inside = tile_window(mask.shape, start, size)
-    kept = np.zeros(mask.shape[2], dtype=bool)
-    kept[np.asarray(slices, dtype=np.int64)] = True
-    outside = mask & ~inside[:, :, None]
-    in_plane = mask.any(axis=2)
-    xs, ys = np.nonzero(in_plane.any(axis=1))[0], np.nonzero(in_plane.any(axis=0))[0]
-    x0, y0 = start
-    sx, sy = spacing[:2]
-    overhang = {  # mm of body beyond each edge of the window (R/L: x, A/P: y in RAS)
-        "left": max(0, x0 - int(xs[0])) * sx if len(xs) else 0.0,
-        "right": max(0, int(xs[-1]) + 1 - (x0 + size)) * sx if len(xs) else 0.0,
-        "posterior": max(0, y0 - int(ys[0])) * sy if len(ys) else 0.0,
-        "anterior": max(0, int(ys[-1]) + 1 - (y0 + size)) * sy if len(ys) else 0.0,
-    }
-    extent = ((int(xs[-1]) - int(xs[0]) + 1) * sx, (int(ys[-1]) - int(ys[0]) + 1) * sy) if len(xs) else (0.0, 0.0)
-    needed_px = int(np.ceil(max(extent) / min(sx, sy) / 16.0) * 16)  # the generators halve twice: multiples of 16
-    return {
-        "body_voxels": body,
-        "cut_in_plane_percent": 100.0 * float(outside.sum()) / max(body, 1),
-        "cut_slices_percent": 100.0 * float(mask[:, :, ~kept].sum()) / max(body, 1),
-        "overhang_mm": overhang,
-        "extent_mm": extent,
-        "tile_mm": (size * sx, size * sy),
-        "tile_px_needed": needed_px,
-        "spacing_needed_mm": max(extent) / size,
-    }
-
-
 def non_body_in_tiles(tiles: np.ndarray, mask_tiles: np.ndarray, modality: str, data_cfg) -> dict:
     """What the networks see outside the body: pixels of the centre channel that are not air there."""
-    import torch
-
     _, transforms = _medcycle()
     centre = tiles[:, tiles.shape[1] // 2].astype(np.float32)
     if modality == "ct":
-        centre = transforms.norm_to_hu(torch.from_numpy(centre), data_cfg).numpy()
-        dense = centre > CT_TISSUE_HU
+        dense = transforms.HUCodec.from_config(data_cfg).decode(centre) > CT_TISSUE_HU
     else:
         dense = centre > MR_TISSUE_NORM
     outside = (mask_tiles[:, 0] == 0) & dense
     per_tile = outside.reshape(len(outside), -1).sum(axis=1)
     return {"pixels": int(outside.sum()), "tiles_with": int((per_tile > 0).sum()), "tiles": int(len(tiles)),
-            "percent_of_tile_pixels": 100.0 * float(outside.sum()) / max(outside.size, 1),
             "max_per_tile": int(per_tile.max()) if len(per_tile) else 0}
 
 
-# --------------------------------------------------------------------------------------------------
-# proposed fixes (prototypes for medcycle/transforms/body_mask.py and tiling.py), measured by `proposals`
-
-
-def _disk(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
-    """An in-plane (X, Y, 1) disk footprint of `radius_mm` on an anisotropic grid."""
-    rx, ry = (int(np.floor(radius_mm / s)) for s in spacing[:2])
-    x, y = np.ogrid[-rx:rx + 1, -ry:ry + 1]
-    return ((x * spacing[0]) ** 2 + (y * spacing[1]) ** 2 <= radius_mm ** 2)[:, :, None]
-
-
-def _largest(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return labels > 0
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
-
-
-def _fill_axial(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    return np.stack([ndimage.binary_fill_holes(mask[:, :, z]) for z in range(mask.shape[2])], axis=2)
-
-
-def without_thin_attachments(foreground: np.ndarray, spacing: Sequence[float], opening_mm: float = 3.0,
-                             largest_part_cm3: float = 30.0) -> np.ndarray:
-    """The largest body in `foreground` cut free of thin devices touching it (the core of proposal (a)).
-
-    Devices are thin (holder shells, couch tops 2-5 mm, frame pins 3-6 mm) or touch the body only
-    through thin parts, so an in-plane opening with a disk of radius `opening_mm` cuts them off
-    before the largest connected component (the core) is taken. The opening also shaves the body's
-    own thin parts (ears, nose tip, skin folds); each piece it removed is given back when it touches
-    the core and holds at most `largest_part_cm3` (an ear: ~10 cm3; the scan's head holder: two
-    shells of ~60 cm3; a frame with its posts and ring: more).
-    """
-    from scipy import ndimage
-
-    core = _largest(ndimage.binary_opening(foreground, structure=_disk(opening_mm, spacing)))
-    labels, count = ndimage.label(foreground & ~core)
-    if count:
-        sizes = np.bincount(labels.ravel(), minlength=count + 1) * float(np.prod(spacing)) / 1000.0
-        touching = np.zeros(count + 1, dtype=bool)
-        touching[np.unique(labels[ndimage.binary_dilation(core) & (labels > 0)])] = True
-        keep = touching & (sizes <= largest_part_cm3)
-        keep[0] = False
-        core = core | keep[labels]
-    return core
-
-
-def holder_free_body_mask(volume: np.ndarray, spacing: Sequence[float], modality: str) -> np.ndarray:
-    """Proposal (a): a body mask without head holders, couches, frames and pins.
-
-    CT: threshold at -500 HU, cut thin attachments off, then fill holes. The opening comes before
-    hole filling because the head is solid above -500 HU, whereas a holder or a frame ring touching
-    it at two places encloses air that hole filling turns into "body" (today's order).
-    MR: today's mask (medcycle's ``compute_body_mask``: holes filled first, since the dark skull
-    splits the scalp from the brain), then thin attachments cut off; holders and thermoplastic
-    masks are invisible on MR, MR-visible markers and frame localisers are what this removes.
-    """
-    from scipy import ndimage
-
-    _, transforms = _medcycle()
-    if modality == "ct":
-        foreground = ndimage.gaussian_filter(volume.astype(np.float32), sigma=(0.5, 0.5, 0.0)) > CT_TISSUE_HU
-        return _largest(_fill_axial(without_thin_attachments(foreground, spacing)))
-    return _largest(_fill_axial(without_thin_attachments(transforms.compute_body_mask(volume), spacing)))
-
-
-def air_outside_body(image: np.ndarray, mask: np.ndarray, background: float = -1.0) -> np.ndarray:
-    """Proposal (b): the normalised volume with everything outside the body mask set to air.
-
-    Done on the volume before tiling, so the 2.5D context channels get their own slice's mask.
-    """
-    return np.where(mask, image, np.float32(background)).astype(np.float32)
-
-
-@dataclass
-class BodyPart:
-    """Proposal (d): the shape of the body's largest axial cross-section, and what to tell the user."""
-
-    width_lr_mm: float
-    depth_ap_mm: float
-    area_cm2: float
-    internal_air_cm3: Optional[float]  # CT only: air (< -400 HU) enclosed by the body (lungs, sinuses)
-    border_slices_percent: float  # slices whose body touches the in-plane image border
-    filled_percent: float  # the body's share of the image on its largest slice (100: no air around it)
-    verdict: str  # "head" or "not a head: <reasons>"
-    warnings: list
-
-
-# Adult heads (with ears, nose, hair): 140-200 mm wide (left-right) and 170-230 mm deep, deeper than
-# wide; chests and abdomens are 250-400 mm wide, wider than deep; head air spaces (sinuses, mastoids,
-# airway) hold well under 300 cm3, lungs litres.
-HEAD_MAX_WIDTH_MM = 230.0
-HEAD_MAX_WIDTH_TO_DEPTH = 1.1
-HEAD_MAX_INTERNAL_AIR_CM3 = 400.0
-
-
-def body_part_check(mask: np.ndarray, spacing: Sequence[float], ct_hu: Optional[np.ndarray] = None) -> BodyPart:
-    """Proposal (d): is this a head? A head model refuses (or warns about) anything else, e.g. a chest CT.
-
-    Warnings, whatever the body part: a body touching the image border on most slices (a field of
-    view that cuts the body), a "body" that fills the image (no air around it: a mask that failed).
-    """
-    sx, sy, sz = spacing
-    areas = mask.sum(axis=(0, 1))
-    z = int(np.argmax(areas))
-    xs, ys = np.nonzero(mask[:, :, z].any(axis=1))[0], np.nonzero(mask[:, :, z].any(axis=0))[0]
-    width = (int(xs[-1]) - int(xs[0]) + 1) * sx if len(xs) else 0.0
-    depth = (int(ys[-1]) - int(ys[0]) + 1) * sy if len(ys) else 0.0
-    air = None
-    if ct_hu is not None:
-        air = float((mask & (ct_hu < -400.0)).sum()) * sx * sy * sz / 1000.0
-    on_border = mask[0].any(axis=0) | mask[-1].any(axis=0) | mask[:, 0].any(axis=0) | mask[:, -1].any(axis=0)
-    border = 100.0 * float(on_border[areas > 0].mean()) if (areas > 0).any() else 0.0
-    filled = 100.0 * float(areas[z]) / float(mask.shape[0] * mask.shape[1])
-    reasons = []
-    if width > HEAD_MAX_WIDTH_MM:
-        reasons.append(f"{width:.0f} mm wide")
-    if depth > 0 and width / depth > HEAD_MAX_WIDTH_TO_DEPTH:
-        reasons.append(f"wider than deep ({width / depth:.2f})")
-    if air is not None and air > HEAD_MAX_INTERNAL_AIR_CM3:
-        reasons.append(f"{air:.0f} cm3 of air inside")
-    warnings = []
-    if filled > 95.0:
-        warnings.append(f"the body fills {filled:.0f} % of the image: no air around it, the mask is the whole image")
-    elif border > 50.0:
-        warnings.append(f"the body touches the image border on {border:.0f} % of its slices: the field of view cuts it")
-    verdict = "head" if not reasons else "not a head: " + "; ".join(reasons)
-    return BodyPart(width, depth, float(areas[z]) * sx * sy / 100.0, air, border, filled, verdict, warnings)
+def cut_summary(plan) -> dict:
+    """What a :class:`medcycle.transforms.TilePlan` says it cut, as plain numbers."""
+    return {"cut_percent": 100.0 * plan.cut_fraction, "dropped_slices_percent": 100.0 * plan.dropped_fraction,
+            "overhang_mm": dict(plan.overhang_mm), "extent_mm": list(plan.extent_mm),
+            "tile_px_needed": plan.size_needed(), "warning": plan.cut_warning()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -857,9 +668,11 @@ def thermoplastic_shell(hu: np.ndarray, body: np.ndarray, spacing: Sequence[floa
     from scipy import ndimage
     from skimage.morphology import convex_hull_image
 
+    from medcycle.transforms.body_mask import in_plane_disk
+
     hull = np.stack([convex_hull_image(body[:, :, z]) if body[:, :, z].any() else body[:, :, z]
                      for z in range(body.shape[2])], axis=2)
-    shell = ndimage.binary_dilation(hull, structure=_disk(thickness_mm, spacing)) & ~hull
+    shell = ndimage.binary_dilation(hull, structure=in_plane_disk(thickness_mm, spacing)) & ~hull
     out = hu.copy()
     out[shell] = value
     return out, shell
@@ -925,7 +738,7 @@ DEVICES: dict[str, Callable] = {
 
 
 # --------------------------------------------------------------------------------------------------
-# the measurements: today's cache against the proposals, on every cached scan
+# the measurements: what medcycle cached, on every scan
 
 
 def _contour(ax, mask2d: np.ndarray, colour: str, style: str = "solid") -> None:
@@ -935,9 +748,9 @@ def _contour(ax, mask2d: np.ndarray, colour: str, style: str = "solid") -> None:
 
 
 def case_figure(path: Path, title: str, grid: ModelGrid, record: dict, tiles: np.ndarray, mask_tiles: np.ndarray,
-                proposed: np.ndarray, proposed_plan, proposed_tiles: np.ndarray, n: int = 4) -> None:
-    """Row 1: axial slices on the model grid, body mask today (green) and proposed (magenta), tile today
-    (red) and proposed (orange, dashed); row 2: the tiles the networks see today; row 3: proposed tiles."""
+                n: int = 4) -> None:
+    """Row 1: axial slices on the model grid with the body mask (green) and the tile (red); row 2: the
+    tiles the networks see (centre channel), the mask in green."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -947,36 +760,27 @@ def case_figure(path: Path, title: str, grid: ModelGrid, record: dict, tiles: np
     slices = np.asarray(record["slices"])
     picks = np.unique(np.linspace(0, len(slices) - 1, n + 2).round().astype(int)[1:-1])
     window = (-200.0, 400.0) if grid.modality == "ct" else (-1.0, 1.0)
-    tile_window_norm = (-1.0, -0.2) if grid.modality == "ct" else (-1.0, 1.0)  # -0.2 ~ 330 HU with the demo curve
-    fig, axes = plt.subplots(3, len(picks), figsize=(1.9 * len(picks), 6.2), squeeze=False)
+    tile_window = (-1.0, -0.2) if grid.modality == "ct" else (-1.0, 1.0)  # -0.2 ~ 330 HU with the demo curve
+    fig, axes = plt.subplots(2, len(picks), figsize=(1.9 * len(picks), 4.2), squeeze=False)
     size = record["tile"]["size"]
-    new_rows = {int(z): k for k, z in enumerate(proposed_plan.slices)}
+    (x0, y0) = record["tile"]["start"]
     for col, index in enumerate(picks):
         z = int(slices[index])
         ax = axes[0, col]
         ax.imshow(grid.image[:, :, z].T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower")
         _contour(ax, grid.mask[:, :, z], "lime")
-        _contour(ax, proposed[:, :, z], "magenta")
-        for (x0, y0), colour, style in ((record["tile"]["start"], "red", "solid"),
-                                        (proposed_plan.start, "orange", "dashed")):
-            ax.add_patch(patches.Rectangle((x0 - 0.5, y0 - 0.5), size, size, fill=False, edgecolor=colour,
-                                           linewidth=0.9, linestyle=style))
-        starts = np.array([record["tile"]["start"], proposed_plan.start])
-        ax.set_xlim(min(-0.5, starts[:, 0].min() - 1), max(grid.mask.shape[0] - 0.5, starts[:, 0].max() + size))
-        ax.set_ylim(min(-0.5, starts[:, 1].min() - 1), max(grid.mask.shape[1] - 0.5, starts[:, 1].max() + size))
+        ax.add_patch(patches.Rectangle((x0 - 0.5, y0 - 0.5), size, size, fill=False, edgecolor="red", linewidth=0.9))
+        ax.set_xlim(min(-0.5, x0 - 1), max(grid.mask.shape[0] - 0.5, x0 + size))
+        ax.set_ylim(min(-0.5, y0 - 1), max(grid.mask.shape[1] - 0.5, y0 + size))
         ax.set_title(f"slice {z}", fontsize=7)
         ax = axes[1, col]
-        ax.imshow(tiles[index, tiles.shape[1] // 2].astype(np.float32).T, cmap="gray", vmin=tile_window_norm[0],
-                  vmax=tile_window_norm[1], origin="lower")
+        ax.imshow(tiles[index, tiles.shape[1] // 2].astype(np.float32).T, cmap="gray", vmin=tile_window[0],
+                  vmax=tile_window[1], origin="lower")
         _contour(ax, mask_tiles[index, 0] > 0, "lime")
-        ax = axes[2, col]
-        if z in new_rows:
-            ax.imshow(proposed_tiles[new_rows[z], proposed_tiles.shape[1] // 2].astype(np.float32).T, cmap="gray",
-                      vmin=tile_window_norm[0], vmax=tile_window_norm[1], origin="lower")
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    for row, label in enumerate(("model grid (2 mm), P down", "tile today", "tile proposed (a)+(b)")):
+    for row, label in enumerate(("model grid, P down", "tile (networks' input)")):
         axes[row, 0].set_ylabel(label, fontsize=7)
     fig.suptitle(title, fontsize=6.5)
     fig.tight_layout()
@@ -986,18 +790,22 @@ def case_figure(path: Path, title: str, grid: ModelGrid, record: dict, tiles: np
 
 def near_mask_tissue_cm3(image: np.ndarray, mask: np.ndarray, modality: str, spacing: Sequence[float],
                          within_mm: float = 4.0) -> float:
-    """Tissue-valued voxels just outside `mask` (within `within_mm` in-plane): what (b) would darken if the
-    mask were too tight (partial-volume skin is expected; more means the mask cuts the body)."""
+    """Tissue-valued voxels just outside `mask` (within `within_mm` in-plane): what the air outside the
+    body darkens in the tiles (partial-volume skin is expected; more means the mask cuts the body)."""
     from scipy import ndimage
 
+    from medcycle.transforms.body_mask import in_plane_disk
+
     tissue = image > (CT_TISSUE_HU if modality == "ct" else MR_TISSUE_NORM)
-    ring = ndimage.binary_dilation(mask, structure=_disk(within_mm, spacing)) & ~mask
+    ring = ndimage.binary_dilation(mask, structure=in_plane_disk(within_mm, spacing)) & ~mask
     return float((ring & tissue).sum()) * float(np.prod(spacing)) / 1000.0
 
 
 def measure_case(record_path: Path, data_cfg, figure: Optional[Path]) -> dict:
-    """Today's cache of one case against proposals (a)-(d); optionally its figure."""
+    """What medcycle cached for one case (mask, tiles, what the tile cut, the head check); optionally its figure."""
     _, transforms = _medcycle()
+    from medcycle.transforms.body_part import head_check
+
     record = json.loads(record_path.read_text())
     case = record_path.parent.name
     modality = record["modalities"][0]
@@ -1005,73 +813,44 @@ def measure_case(record_path: Path, data_cfg, figure: Optional[Path]) -> dict:
     grid = on_model_grid(source, modality, data_cfg)
     tiles = np.load(record_path.parent / f"{modality}.npy")
     mask_tiles = np.load(record_path.parent / "mask.npy")
-    voxel_cm3 = float(np.prod(grid.spacing)) / 1000.0
+    plan = transforms.plan_tiles(grid.mask, data_cfg)
     original = record["geometry"]["original"]
+    part = head_check(grid.mask, grid.spacing, grid.image if modality == "ct" else None)
     row = {"case": case, "modality": modality, "source": str(source), "dtype": grid.original_dtype,
            "shape": original["shape"], "spacing": [round(v, 3) for v in original["spacing"]],
            "axcodes": grid.original_axcodes, "model_shape": record["geometry"]["resampled"]["shape"],
-           "model_spacing": [round(v, 3) for v in grid.spacing], "tiles": record["n_tiles"],
-           "normalisation": record["normalisation"],
-           "intensity_range": [float(grid.image.min()), float(grid.image.max())] if modality == "ct" else None}
-    row["today"] = {
-        "mask_cm3": float(grid.mask.sum()) * voxel_cm3,
-        "cut": tile_cut_report(grid.mask, record["tile"]["start"], record["tile"]["size"], record["slices"], grid.spacing),
-        "non_body_in_tiles": non_body_in_tiles(tiles, mask_tiles, modality, data_cfg),
-        "body_part": body_part_check(grid.mask, grid.spacing, grid.image if modality == "ct" else None).__dict__,
-    }
-    if modality == "mr":
-        body = grid.image[grid.mask]
-        row["today"]["mr_clipped_percent"] = {"low": 100.0 * float((body <= -1).mean()),
-                                              "high": 100.0 * float((body >= 1).mean())}
-    proposed = holder_free_body_mask(grid.raw, grid.spacing, modality)
-    plan = transforms.plan_tiles(proposed[None].astype(np.float32), data_cfg)
-    masked = air_outside_body(grid.normalised, proposed)
-    new_tiles, new_mask_tiles, _ = transforms.extract_tiles(masked, proposed[None].astype(np.float32), data_cfg, plan=plan)
-    union = float((grid.mask | proposed).sum())
-    tissue = grid.image > (CT_TISSUE_HU if modality == "ct" else MR_TISSUE_NORM)
-    row["proposed"] = {
-        "mask_cm3": float(proposed.sum()) * voxel_cm3,
-        "jaccard_with_today": float((grid.mask & proposed).sum()) / max(union, 1.0),
-        "removed_tissue_cm3": float((grid.mask & ~proposed & tissue).sum()) * voxel_cm3,
-        "added_cm3": float((proposed & ~grid.mask).sum()) * voxel_cm3,
-        "tissue_just_outside_cm3": near_mask_tissue_cm3(grid.image, proposed, modality, grid.spacing),
-        "cut": tile_cut_report(proposed, plan.start, plan.size, plan.slices, grid.spacing),
-        "non_body_in_tiles": non_body_in_tiles(new_tiles, new_mask_tiles, modality, data_cfg),
-        "tiles": int(len(plan.slices)),
-        "body_part": body_part_check(proposed, grid.spacing, grid.image if modality == "ct" else None).__dict__,
-    }
+           "tiles": record["n_tiles"], "normalisation": record["normalisation"],
+           "mask_cm3": float(grid.mask.sum()) * float(np.prod(grid.spacing)) / 1000.0,
+           "cut": cut_summary(plan), "non_body_in_tiles": non_body_in_tiles(tiles, mask_tiles, modality, data_cfg),
+           "tissue_just_outside_cm3": near_mask_tissue_cm3(grid.image, grid.mask, modality, grid.spacing),
+           "body_part": {**part.__dict__, "verdict": part.verdict}}
     if figure is not None:
         case_figure(figure, f"{case}: {row['axcodes']} {row['dtype']} {original['shape']} @ {row['spacing']} mm "
-                    f"-> {row['model_shape']} @ {row['model_spacing']} mm\nbody mask today green, proposed magenta; "
-                    "tile today red, proposed orange", grid, record, tiles, mask_tiles, proposed, plan, new_tiles)
+                    f"-> {row['model_shape']} @ {[round(v, 2) for v in grid.spacing]} mm; body mask green, tile red",
+                    grid, record, tiles, mask_tiles)
     return row
 
 
 def measure_devices(cache: Path, data_cfg, figure: Optional[Path]) -> list[dict]:
-    """Devices added to the real head CT: how much of each the mask takes in, today and with (a)."""
+    """Devices added to the real head CT: how much of each medcycle's CT body mask takes in."""
     _, transforms = _medcycle()
     record_path = cache / "cases" / "ct_invesalius_cranium" / "record.json"
     if not record_path.is_file():
         raise FetchError(f"{record_path}: missing; preprocess DIR/ct into {cache} first")
     source = Path(json.loads(record_path.read_text())["sources"]["ct"]["path"])
     grid = on_model_grid(source, "ct", data_cfg)
+    voxel_cm3 = float(np.prod(grid.spacing)) / 1000.0
     rows, panels = [], []
     for name, add in DEVICES.items():
         hu, device = add(grid.image, grid.mask, grid.spacing)
-        today = transforms.compute_body_mask(hu, threshold=CT_TISSUE_HU)
-        proposed = holder_free_body_mask(hu, grid.spacing, "ct")
-        plans = {key: transforms.plan_tiles(mask[None].astype(np.float32), data_cfg)
-                 for key, mask in (("today", today), ("proposed", proposed))}
-        rows.append({"device": name, "device_voxels": int(device.sum()),
-                     "in_mask_today": int((today & device).sum()), "in_mask_proposed": int((proposed & device).sum()),
-                     "non_body_today_cm3": float((today & ~grid.mask).sum()) * np.prod(grid.spacing) / 1000.0,
-                     "body_lost_proposed_cm3": float((grid.mask & ~proposed & (grid.image > CT_TISSUE_HU)).sum())
-                     * np.prod(grid.spacing) / 1000.0,
-                     **{f"head_cut_{key}_percent": tile_cut_report(grid.mask, plan.start, plan.size, plan.slices,
-                                                                   grid.spacing)["cut_in_plane_percent"]
-                        for key, plan in plans.items()}})
+        mask = transforms.compute_body_mask(hu, threshold=CT_TISSUE_HU, spacing=grid.spacing)
+        plan = transforms.plan_tiles(mask, data_cfg)
+        rows.append({"device": name, "device_voxels": int(device.sum()), "in_mask": int((mask & device).sum()),
+                     "non_body_in_mask_cm3": float((mask & ~grid.mask).sum()) * voxel_cm3,
+                     "body_lost_cm3": float((grid.mask & ~mask & (grid.image > CT_TISSUE_HU)).sum()) * voxel_cm3,
+                     "head_cut_percent": 100.0 * plan.cut_fraction})
         z = int(np.argmax(device.sum(axis=(0, 1))))
-        panels.append((name, hu[:, :, z], today[:, :, z], proposed[:, :, z], z))
+        panels.append((name, hu[:, :, z], mask[:, :, z], z))
     if figure is not None:
         import matplotlib
 
@@ -1079,14 +858,13 @@ def measure_devices(cache: Path, data_cfg, figure: Optional[Path]) -> list[dict]
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.6))
-        for ax, (name, image, today, proposed, z) in zip(axes, panels):
+        for ax, (name, image, mask, z) in zip(axes, panels):
             ax.imshow(image.T, cmap="gray", vmin=-200, vmax=400, origin="lower")
-            _contour(ax, today, "lime")
-            _contour(ax, proposed, "magenta")
+            _contour(ax, mask, "magenta")
             ax.set_title(f"{name} (slice {z})", fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
-        fig.suptitle("devices added to the real head CT: body mask today (green), proposed (a) (magenta)", fontsize=7)
+        fig.suptitle("devices added to the real head CT: medcycle's body mask (magenta)", fontsize=7)
         fig.tight_layout()
         save_figure(fig, figure, dpi=90)
         plt.close(fig)
@@ -1094,52 +872,35 @@ def measure_devices(cache: Path, data_cfg, figure: Optional[Path]) -> list[dict]
 
 
 def _fmt_cut(cut: dict) -> str:
-    over = {k: v for k, v in cut["overhang_mm"].items() if v > 0}
-    where = ", ".join(f"{k} {v:.0f} mm" for k, v in over.items())
-    return f"{cut['cut_in_plane_percent']:.1f}" + (f" ({where})" if where else "")
+    where = ", ".join(f"{k} {v:.0f} mm" for k, v in cut["overhang_mm"].items() if v > 0)
+    return f"{cut['cut_percent']:.1f}" + (f" ({where})" if where else "")
 
 
 def diagnose(cache: Path, out: Optional[Path], config: str, json_path: Optional[Path] = None) -> dict:
-    """Measure every cached case today and with the proposals; print three markdown tables."""
+    """Measure every case of a `medcycle preprocess` cache and the devices; print two markdown tables."""
     load_config, _ = _medcycle()
     data_cfg = load_config(config, []).data
     rows = []
-    print("| case | orientation | dtype | shape @ spacing (mm) | model grid | body LR x AP (mm) | tiles | "
-          "body cut by tile % | dropped slices % | non-body px in tiles (tiles) | MR clipped low / high % |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| case | orientation | dtype | shape @ spacing (mm) | model grid | tiles | body (cm3) | body cut by the tile % | "
+          "dropped slices % | tile px needed | non-body px in tiles | tissue just outside (cm3) | head check |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for record_path in sorted((cache / "cases").glob("*/record.json")):
         row = measure_case(record_path, data_cfg, None if out is None else out / f"{record_path.parent.name}.png")
         rows.append(row)
-        t = row["today"]
-        clip = t.get("mr_clipped_percent")
+        bp, cut = row["body_part"], row["cut"]
+        air = f", air {bp['air_cm3']:.0f} cm3" if bp["air_cm3"] is not None else ""
         print(f"| {row['case']} | {row['axcodes']} | {row['dtype']} | {row['shape']} @ {row['spacing']} | "
-              f"{row['model_shape']} | {t['cut']['extent_mm'][0]:.0f} x {t['cut']['extent_mm'][1]:.0f} | {row['tiles']} | "
-              f"{_fmt_cut(t['cut'])} | {t['cut']['cut_slices_percent']:.2f} | "
-              f"{t['non_body_in_tiles']['pixels']} ({t['non_body_in_tiles']['tiles_with']}/{t['non_body_in_tiles']['tiles']}) | "
-              + (f"{clip['low']:.1f} / {clip['high']:.1f} |" if clip else "- |"), flush=True)
-    print("\n| case | mask today / proposed (cm3) | Jaccard | tissue removed (cm3) | tissue just outside (cm3) | "
-          "non-body px in tiles today -> proposed | body cut % proposed | tile px needed at 2 mm | "
-          "spacing for 112 px (mm) | body part (proposed mask) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        t, p = row["today"], row["proposed"]
-        bp = p["body_part"]
-        air = f", air {bp['internal_air_cm3']:.0f} cm3" if bp["internal_air_cm3"] is not None else ""
-        print(f"| {row['case']} | {t['mask_cm3']:.0f} / {p['mask_cm3']:.0f} | {p['jaccard_with_today']:.3f} | "
-              f"{p['removed_tissue_cm3']:.1f} | {p['tissue_just_outside_cm3']:.1f} | "
-              f"{t['non_body_in_tiles']['pixels']} -> {p['non_body_in_tiles']['pixels']} | {_fmt_cut(p['cut'])} | "
-              f"{p['cut']['tile_px_needed']} | {p['cut']['spacing_needed_mm']:.2f} | "
-              f"{bp['width_lr_mm']:.0f} x {bp['depth_ap_mm']:.0f} mm, {bp['area_cm2']:.0f} cm2{air}: **{bp['verdict']}**"
-              + "".join(f"; warning: {w}" for w in bp["warnings"]) + " |",
-              flush=True)
+              f"{row['model_shape']} | {row['tiles']} | {row['mask_cm3']:.0f} | {_fmt_cut(cut)} | "
+              f"{cut['dropped_slices_percent']:.2f} | {cut['tile_px_needed']} | {row['non_body_in_tiles']['pixels']} | "
+              f"{row['tissue_just_outside_cm3']:.1f} | {bp['width_mm']:.0f} x {bp['depth_mm']:.0f} mm{air}: "
+              f"**{bp['verdict']}**" + "".join(f"; warning: {w}" for w in bp["warnings"]) + " |", flush=True)
     devices = measure_devices(cache, data_cfg, None if out is None else out / "devices.png")
-    print("\n| device on the real head CT | device voxels | in mask today | in mask proposed | non-body in mask today (cm3) | "
-          "tissue lost with proposed (cm3) | head cut by the tile today -> proposed (%) |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| device on the real head CT | device voxels | in the mask | non-body in the mask (cm3) | "
+          "tissue lost (cm3) | head cut by the tile (%) |")
+    print("|---|---|---|---|---|---|")
     for d in devices:
-        print(f"| {d['device']} | {d['device_voxels']} | {d['in_mask_today']} | {d['in_mask_proposed']} | "
-              f"{d['non_body_today_cm3']:.0f} | {d['body_lost_proposed_cm3']:.1f} | {d['head_cut_today_percent']:.2f} -> "
-              f"{d['head_cut_proposed_percent']:.2f} |", flush=True)
+        print(f"| {d['device']} | {d['device_voxels']} | {d['in_mask']} | {d['non_body_in_mask_cm3']:.0f} | "
+              f"{d['body_lost_cm3']:.1f} | {d['head_cut_percent']:.2f} |", flush=True)
     result = {"date": datetime.date.today().isoformat(), "config": config, "cases": rows, "devices": devices}
     if json_path is not None:
         write_bytes_atomic(json_path, (json.dumps(result, indent=1, default=float) + "\n").encode())

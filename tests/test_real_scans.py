@@ -1,8 +1,9 @@
 """The pure helpers of benchmarks/real_scans.py on tiny synthetic data.
 
-Cormack -> HU (the Clinical toolbox's c2h), the InVesalius .inv3 reader, the DICOM-series copy, and
-the prototype fixes of issue 21: a body mask that leaves out holders and frames, air outside the
-body, the tile-cut report and the head-or-not check.
+Cormack -> HU (the Clinical toolbox's c2h), the InVesalius .inv3 reader and the DICOM-series copy.
+The fixes the first phase prototyped here now live in medcycle (tests/test_body_mask.py: holders,
+frames, truncated fields of view, extreme voxels, the head check; tests/test_transforms.py: air
+outside the body in the tiles, what a tile cuts).
 """
 from __future__ import annotations
 
@@ -95,104 +96,27 @@ def test_dicom_series_reads_back_as_the_same_volume_in_the_same_place(tmp_path):
     np.testing.assert_allclose(dicom_affine, nifti_affine, atol=1e-5)
 
 
-def head_ct(n: int = 96, slices: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """Air with a solid elliptic-cylinder 'head' (40 HU, 120 x 150 mm at 2 mm) and its true mask."""
-    x, y = np.ogrid[:n, :n]
-    head2d = ((x - n // 2) / 30.0) ** 2 + ((y - n // 2) / 37.0) ** 2 <= 1.0
-    head = np.repeat(head2d[:, :, None], slices, axis=2)
-    return np.where(head, 40.0, -1000.0).astype(np.float32), head
+def test_real_anatomy_resamples_through_world_space_and_scores_bone_and_brain():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import real_anatomy as ra
 
-
-def test_body_mask_leaves_out_a_head_holder_touching_the_head():
-    from scipy import ndimage
-
-    hu, head = head_ct(slices=48)  # 96 mm of head: each arm of the cradle is ~45 cm3 (an ear ~10 cm3 is given back)
-    x, y = np.ogrid[:96, :96]
-    radius = np.hypot(x - 48.0, y - 61.0)  # a cradle of 100 mm radius under the back of the head (y = 11) ...
-    cradle = (radius >= 50) & (radius < 52) & (y < 40)  # ... 4 mm thick
-    holder = np.repeat(cradle[:, :, None], hu.shape[2], axis=2) & ~head
-    assert (ndimage.binary_dilation(head) & holder).any()  # it touches
-    hu[holder] = 300.0
-    _, transforms = rs._medcycle()
-    today = transforms.compute_body_mask(hu, threshold=rs.CT_TISSUE_HU)
-    proposed = rs.holder_free_body_mask(hu, SPACING, "ct")
-    assert (today & holder).sum() > 0.9 * holder.sum()  # what medcycle does today
-    assert (proposed & holder).sum() < 0.15 * holder.sum()  # the contact zone (gap under a voxel) stays
-    assert (proposed & head).sum() > 0.99 * head.sum()
-
-
-def test_body_mask_does_not_fill_the_inside_of_a_frame_ring():
-    hu, head = head_ct()
-    ring = np.zeros(hu.shape, dtype=bool)
-    ring[1:95, 1:95, :3] = True
-    ring[5:91, 5:91, :3] = False  # an 8 mm ring around the head on the lowest slices ...
-    ring[47:49, 5:12, :3] = True  # ... pinned to it with a 4 mm pin
-    ring &= ~head
-    hu[ring] = 1500.0
-    _, transforms = rs._medcycle()
-    today = transforms.compute_body_mask(hu, threshold=rs.CT_TISSUE_HU)
-    proposed = rs.holder_free_body_mask(hu, SPACING, "ct")
-    outside = ~head
-    assert (today & outside).sum() > 5000  # the ring and the air it encloses
-    assert (proposed & outside).sum() < 20 and (proposed & head).sum() > 0.99 * head.sum()
-
-
-def test_body_mask_of_an_mr_without_devices_is_todays():
-    _, head = head_ct()
-    x, y = np.ogrid[:96, :96]
-
-    def ellipse(a: float, b: float) -> np.ndarray:
-        return np.repeat((((x - 48) / a) ** 2 + ((y - 48) / b) ** 2 <= 1.0)[:, :, None], 12, axis=2)
-
-    mr = np.zeros(head.shape, dtype=np.float32)
-    mr[head] = 300.0  # scalp
-    mr[ellipse(27.0, 34.0)] = 5.0  # dark skull
-    mr[ellipse(25.0, 32.0)] = 200.0  # brain
-    _, transforms = rs._medcycle()
-    today = transforms.compute_body_mask(mr)
-    proposed = rs.holder_free_body_mask(mr, SPACING, "mr")
-    assert (today & head).sum() == head.sum()
-    np.testing.assert_array_equal(proposed, today)
-
-
-def test_air_outside_body_sets_every_voxel_outside_the_mask_to_the_background():
-    image = np.full((4, 4, 2), 0.5, dtype=np.float32)
-    mask = np.zeros((4, 4, 2), dtype=bool)
-    mask[1:3, 1:3] = True
-    out = rs.air_outside_body(image, mask)
-    assert (out[mask] == 0.5).all() and (out[~mask] == -1.0).all() and (image == 0.5).all()
-
-
-def test_tile_cut_report_counts_the_body_outside_the_window():
-    mask = np.zeros((20, 20, 2), dtype=bool)
-    mask[2:12, 5:15, :] = True  # 10 x 10 px body
-    report = rs.tile_cut_report(mask, start=(5, 5), size=10, slices=[0], spacing=(2.0, 2.0, 3.0))
-    assert report["cut_in_plane_percent"] == pytest.approx(30.0)  # columns 2-4 of 10 lie left of the window
-    assert report["cut_slices_percent"] == pytest.approx(50.0)  # slice 1 is not kept
-    assert report["overhang_mm"] == {"left": 6.0, "right": 0.0, "posterior": 0.0, "anterior": 0.0}
-    assert report["extent_mm"] == (20.0, 20.0) and report["tile_px_needed"] == 16
-
-
-def ellipse_mask(width_mm: float, depth_mm: float, shape=(200, 200, 4), spacing=2.0) -> np.ndarray:
-    x, y = np.ogrid[: shape[0], : shape[1]]
-    inside = ((x - 100) * spacing / (width_mm / 2)) ** 2 + ((y - 100) * spacing / (depth_mm / 2)) ** 2 <= 1.0
-    return np.repeat(inside[:, :, None], shape[2], axis=2)
-
-
-def test_body_part_check_tells_a_head_from_a_chest():
-    head = rs.body_part_check(ellipse_mask(160, 200), SPACING)
-    assert head.verdict == "head" and not head.warnings
-    chest = rs.body_part_check(ellipse_mask(320, 230), SPACING)
-    assert chest.verdict.startswith("not a head") and "322 mm wide" in chest.verdict and "wider than deep" in chest.verdict
-    body = ellipse_mask(160, 200, shape=(200, 200, 16))
-    x, y = np.ogrid[:200, :200]
-    hu = np.where(body, 40.0, -1000.0)
-    hu[np.repeat((np.hypot(x - 100, y - 100) <= 15)[:, :, None], 16, axis=2)] = -800.0  # sinuses: 90 cm3
-    assert rs.body_part_check(body, SPACING, hu).verdict == "head"
-    hu[np.repeat((np.hypot(x - 100, y - 100) <= 35)[:, :, None], 16, axis=2)] = -800.0  # lungs: 493 cm3
-    assert "493 cm3 of air inside" in rs.body_part_check(body, SPACING, hu).verdict
-
-
-def test_body_part_check_warns_about_a_mask_that_fills_the_image():
-    whole = np.ones((100, 100, 3), dtype=bool)
-    assert any("fills 100 %" in w for w in rs.body_part_check(whole, SPACING).warnings)
+    values = np.zeros((4, 4, 4), dtype=np.float32)
+    values[1, 2, 3] = 8.0
+    coarse = np.diag([2.0, 2.0, 2.0, 1.0])
+    fine = np.diag([1.0, 1.0, 1.0, 1.0])
+    out = ra.resample_onto(values, coarse, (8, 8, 8), fine, order=0, cval=-1.0)
+    assert out[2, 4, 6] == 8.0 and out[4, 4, 4] == 0.0  # voxel (1, 2, 3) of the 2 mm grid lies at (2, 4, 6) mm
+    assert out[7, 7, 7] == -1.0  # beyond the 2 mm grid: cval
+    head = np.zeros((10, 10, 10), dtype=bool)
+    head[1:9, 1:9, 1:9] = True
+    brain = np.zeros_like(head)
+    brain[3:7, 3:7, 3:7] = True
+    template = np.where(head, 30.0, -1000.0).astype(np.float32)
+    template[1, 1:9, 1:9] = 700.0  # a bone plate
+    sct = template.copy()
+    sct[3, 3:7, 3:7] = 400.0  # "bone" in the brain: 16 of its 64 voxels
+    result = ra.figures(sct, {"head": head, "brain": brain, "template": template})
+    bone_ref, bone_sct = 64, 64 + 16
+    assert result["bone_dice"] == pytest.approx(2 * 64 / (bone_ref + bone_sct))
+    assert result["brain_bone_percent"] == pytest.approx(25.0) and result["brain_median_hu"] == pytest.approx(30.0)
+    assert result["mae_head_hu"] == pytest.approx(16 * 370.0 / head.sum())

@@ -283,6 +283,48 @@ def test_tile_is_centred_on_the_body_and_padded_with_background():
     assert tiles[0, 0, 0, 0] == -1.0 and tiles[0, 0, -1, -1] == -1.0  # padding = background
 
 
+def test_what_lies_outside_the_body_is_air_in_every_tile_and_channel():
+    image, mask = _slab_volume()
+    holder = np.zeros(mask.shape, dtype=bool)
+    holder[3:15, 13:15, :] = True  # a head holder behind the body, outside the mask, on every slice
+    image[holder] = 0.5
+    cfg = tiny_cfg(tile_size=16, context_slices=3, min_body_fraction=0.1)
+    tiles, mask_tiles, slices = extract_tiles({"mr": image, "ct": image}, mask, cfg)
+    plan = plan_tiles(mask, cfg)
+    from medcycle.transforms.tiling import window
+
+    body = window(mask, plan.start, 16, 0.0)
+    for key in ("mr", "ct"):
+        for n, z in enumerate(slices):
+            for j in range(3):  # channel j holds slice z - 1 + j: outside that slice's body everything is -1
+                source = int(np.clip(z - 1 + j, 0, mask.shape[2] - 1))
+                channel, own = tiles[key][n, j].astype(np.float32), body[:, :, source] > 0
+                assert (channel[~own] == -1.0).all()
+                np.testing.assert_allclose(channel[own], source / 10.0, atol=1e-3)
+    assert image[holder].min() == 0.5  # the input is not changed
+
+
+def test_plan_tiles_says_what_the_tile_cuts_and_what_would_hold_the_body():
+    mask = np.zeros((40, 30, 4), dtype=np.float32)
+    mask[5:35, 10:20, :] = 1  # a body 30 px (60 mm at 2 mm) left-right, 10 px front-back
+    cfg = tiny_cfg(tile_size=20, spacing=(2.0, 2.0), orientation="RAS", min_body_fraction=0.0)
+    plan = plan_tiles(mask, cfg)
+    assert plan.cut_fraction == pytest.approx(10 / 30) and plan.dropped_fraction == 0.0
+    assert plan.overhang_mm == {"left": 10.0, "right": 10.0, "posterior": 0.0, "anterior": 0.0}
+    assert plan.extent_mm == (60.0, 20.0) and plan.size_needed() == 32
+    warning = plan.cut_warning()
+    assert "leaves 33.3 % of the body out (10 mm left, 10 mm right)" in warning
+    assert "data.tile_size=32" in warning and "data.spacing=3.00" in warning
+    lps = plan_tiles(mask, tiny_cfg(tile_size=20, spacing=(2.0, 2.0), orientation="LPS", min_body_fraction=0.0))
+    assert set(lps.overhang_mm) == {"left", "right", "anterior", "posterior"}
+    held = plan_tiles(mask, tiny_cfg(tile_size=32, spacing=(2.0, 2.0), min_body_fraction=0.0))
+    assert held.cut_fraction == 0.0 and held.cut_warning() is None
+    mask[:, :, 0] = 0
+    mask[20, 15, 0] = 1  # one voxel on slice 0: a tile with too little body there, dropped
+    dropped = plan_tiles(mask, tiny_cfg(tile_size=32, spacing=(2.0, 2.0), min_body_fraction=0.05))
+    assert list(dropped.slices) == [1, 2, 3] and dropped.dropped_fraction == pytest.approx(1 / 901)
+
+
 def test_25d_channels_are_neighbouring_slices_centre_is_the_slice_edges_replicated():
     image, mask = _slab_volume()
     mask[:] = 0
@@ -307,8 +349,10 @@ def test_paired_tiles_share_slices_and_crop():
     tiles, mask_tiles, slices = extract_tiles({"mr": image, "ct": other}, mask, cfg)
     assert set(tiles) == {"mr", "ct"}
     assert tiles["mr"].shape == tiles["ct"].shape == (len(slices), 3, 16, 16)
-    inside = np.repeat(mask_tiles > 0, 3, axis=1)
-    np.testing.assert_allclose(tiles["ct"][inside], -0.5 * tiles["mr"][inside].astype(np.float32), atol=1e-3)
+    mr = tiles["mr"].astype(np.float32)
+    outside = mr == -1.0  # each channel's own slice outside the body (the body holds values >= 0.2)
+    assert outside.any() and not outside.all()
+    np.testing.assert_allclose(tiles["ct"], np.where(outside, -1.0, -0.5 * mr), atol=1e-3)
 
 
 def test_no_body_gives_no_tiles():
