@@ -17,6 +17,8 @@ discriminator width 32 and 6 residual blocks; 256 px with width 64 and 9 blocks)
 * ``medcycle-bf16``: the same with ``train.amp: auto`` (bf16 autocast on a CPU with native bf16),
   the default fast path on a CPU; ``medcycle-bf16-cl`` adds channels-last; ``medcycle-bf16-compile``
   adds ``torch.compile`` (its compile time is reported separately; not with ``--quick``/``--no-compile``).
+  On a CPU without native bf16 (AVX2 only), where ``amp: auto`` trains in fp32, the bf16 variants are
+  replaced by ``medcycle-fp32-cl`` (and ``medcycle-fp32-compile``).
 
 Every variant runs in its own worker process (so that its peak resident memory is its own); the
 parent asks the workers for their timings in turns, rotating the order each round, so that load on
@@ -45,7 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SIZES = {128: (32, 6), 256: (64, 9)}  # px -> (width, residual blocks)
-VARIANTS = ("reference", "medcycle-fp32", "medcycle-bf16", "medcycle-bf16-cl")
+
+
+def variants_for(native_bf16: bool, compile: bool) -> list[str]:
+    """The variants worth timing on this CPU: bf16 only where the CPU computes it natively (elsewhere
+    ``train.amp: auto`` trains in fp32, and emulated bf16 would only measure the emulation)."""
+    fast = "bf16" if native_bf16 else "fp32"
+    variants = ["reference", "medcycle-fp32"] + (["medcycle-bf16"] if native_bf16 else []) + [f"medcycle-{fast}-cl"]
+    return variants + ([f"medcycle-{fast}-compile"] if compile else [])
 
 
 def _rss_mb() -> float:
@@ -158,14 +167,15 @@ def medcycle_step(size: int, width: int, blocks: int, amp: str, channels_last: b
     return step, info
 
 
-def matmul_peaks(seconds: float = 0.5) -> dict[str, float]:
-    """Measured GFLOP/s of square matrix products (1024, 2048, 4096) in fp32 and bf16: the best of them."""
+def matmul_peaks(native_bf16: bool, sizes: tuple[int, ...], seconds: float = 0.5) -> dict[str, float]:
+    """Measured GFLOP/s of square matrix products of `sizes` in fp32 (and bf16 where the CPU has it
+    natively: emulated bf16 takes minutes at 4096): the best of them."""
     import torch
 
     out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))[: 2 if native_bf16 else 1]:
         best = 0.0
-        for n in (1024, 2048, 4096):
+        for n in sizes:
             a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
             torch.mm(a, b)
             for _ in range(2):
@@ -193,7 +203,7 @@ def worker(variant: str, size: int) -> None:
     elif variant == "peaks":
         step, info = None, {}
     else:
-        amp = "none" if variant == "medcycle-fp32" else "auto"
+        amp = "none" if variant.startswith("medcycle-fp32") else "auto"
         step, info = medcycle_step(size, width, blocks, amp, variant.endswith("-cl"), variant.endswith("-compile"))
     if step is not None:
         step()
@@ -211,7 +221,7 @@ def worker(variant: str, size: int) -> None:
                 step()
             reply = {"flops": counter.get_total_flops()}
         elif cmd["op"] == "peaks":
-            reply = matmul_peaks()
+            reply = matmul_peaks(cmd["native_bf16"], tuple(cmd["sizes"]))
         elif cmd["op"] == "rss":
             reply = {"peak_mb": _rss_mb(), "baseline_mb": baseline}
         else:
@@ -301,14 +311,18 @@ def main(argv=None) -> int:
 
     sizes = [int(s) for s in (args.sizes or ("128" if args.quick else "128,256")).split(",")]
     rounds = args.rounds or (2 if args.quick else 5)
-    variants = list(VARIANTS) + ([] if args.quick or args.no_compile else ["medcycle-bf16-compile"])
     import torch
 
+    from medcycle.engine.amp import cpu_supports_bf16
+
+    native_bf16 = cpu_supports_bf16()
+    variants = variants_for(native_bf16, compile=not (args.quick or args.no_compile))
     probe = Worker("peaks", 128)
-    peaks = probe.ask(op="peaks")
+    peaks = probe.ask(op="peaks", native_bf16=native_bf16, sizes=[1024, 2048] if args.quick else [1024, 2048, 4096])
     probe.close()
+    bf16 = f"bf16 {peaks['bf16']:.0f} GFLOP/s" if native_bf16 else "bf16 not native (amp auto trains in fp32 here)"
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
+          f"matmul peak fp32 {peaks['fp32']:.0f} GFLOP/s, {bf16}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_train-") as cache_dir:
         for size in sizes:

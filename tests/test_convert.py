@@ -255,7 +255,7 @@ def test_synthesize_skips_windows_without_body_and_runs_bf16(monkeypatch):
     torch.testing.assert_close(out[0, :8, :8, 1], volume[0, :8, :8, 1] * 0.5)
     assert (out[..., 0] == -1).all()
 
-    monkeypatch.setattr(amp, "_cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(amp, "cpu_supports_bf16", lambda: True)
     assert amp.autocast_dtype("auto", "cpu") == torch.bfloat16
     assert amp.autocast_dtype("none", "cpu") is None
     model = torch.nn.Conv2d(1, 1, 3, padding=1)

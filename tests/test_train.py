@@ -236,7 +236,7 @@ def test_amp_channels_last_and_float32_losses():
 def test_amp_policy_follows_the_cpu(monkeypatch, native_bf16):
     from medcycle.engine import amp
 
-    monkeypatch.setattr(amp, "_cpu_supports_bf16", lambda: native_bf16)
+    monkeypatch.setattr(amp, "cpu_supports_bf16", lambda: native_bf16)
     for setting in ("auto", "bf16", "fp16", True):
         assert amp.autocast_dtype(setting, "cpu") == (torch.bfloat16 if native_bf16 else None)
     for setting in ("none", False, None):

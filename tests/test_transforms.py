@@ -107,6 +107,7 @@ def test_ct_window_mapping_exact_at_lo_and_hi(tmp_path):
     ct = np.full((8, 8, 4), 40.0, dtype=np.float32)
     ct[0, 0, 0], ct[1, 0, 0], ct[2, 0, 0], ct[3, 0, 0], ct[4, 0, 0] = lo, hi, -3000.0, 5000.0, (lo + hi) / 2
     ct[2:6, 2:6, :] = 60.0
+    ct[7, :, :] = -1000.0  # air around the head: a CT in HU (the modality check refuses a CT without any)
     path = write(tmp_path / "ct.nii.gz", ct, np.eye(4))
     out = volume_transforms(tiny_cfg(ct_window=(lo, hi)), ["ct"])({"ct": str(path)})["ct"].numpy()[0]
     assert out[0, 0, 0] == -1.0 and out[1, 0, 0] == 1.0  # exact

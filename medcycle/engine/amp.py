@@ -13,7 +13,7 @@ import torch
 AmpSetting = Union[bool, str, None]
 
 
-def _cpu_supports_bf16() -> bool:
+def cpu_supports_bf16() -> bool:
     """True when the CPU computes bf16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -32,7 +32,7 @@ def autocast_dtype(amp: AmpSetting, device: Union[str, torch.device]) -> Optiona
         return None
     device = torch.device(device)
     if device.type == "cpu":
-        return torch.bfloat16 if _cpu_supports_bf16() else None
+        return torch.bfloat16 if cpu_supports_bf16() else None
     if device.type == "cuda":
         if amp == "fp16":
             return torch.float16
@@ -40,4 +40,4 @@ def autocast_dtype(amp: AmpSetting, device: Union[str, torch.device]) -> Optiona
     return None
 
 
-__all__ = ["AmpSetting", "autocast_dtype"]
+__all__ = ["AmpSetting", "autocast_dtype", "cpu_supports_bf16"]
