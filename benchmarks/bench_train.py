@@ -46,7 +46,7 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SIZES = {128: (32, 6), 256: (64, 9)}  # px -> (width, residual blocks)
+SIZES = {128: (32, 6), 256: (64, 9)}  # px -> (width, residual blocks); other sizes: the 128-px network
 
 
 def variants_for(native_bf16: bool, compile: bool) -> list[str]:
@@ -196,7 +196,7 @@ def worker(variant: str, size: int) -> None:
     import medcycle.engine.trainer  # noqa: F401  (its imports belong to the baseline)
 
     baseline = _rss_mb()
-    width, blocks = SIZES[size]
+    width, blocks = SIZES.get(size, SIZES[128])
     torch.manual_seed(0)
     if variant == "reference":
         step, info = reference_step(size, width, blocks)
@@ -332,7 +332,7 @@ def main(argv=None) -> int:
     print("| tile | variant | s/step | it/s | speed-up vs reference | GFLOP/step | GFLOP/s | % of matmul peak | peak RSS MB (step) | compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        width, blocks = SIZES[r["size"]]
+        width, blocks = SIZES.get(r["size"], SIZES[128])
         print(f"| {r['size']} px (w{width}, {blocks} blocks) | {r['variant']} | {r['s_per_step']:.3f} | {r['it_per_s']:.2f} | "
               f"{r['speedup']:.2f}x | {r['gflop']:.1f} | {r['gflops']:.0f} | {r['peak_pct']:.0f} % | "
               f"{r['rss_mb']:.0f} ({r['rss_step_mb']:.0f}) | {r['compile_s'] if r['compile_s'] is not None else ''} |")

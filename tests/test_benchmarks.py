@@ -46,8 +46,8 @@ def test_bench_convert_quick_times_both_models_and_compares_with_fp32():
 
 
 def test_bench_train_quick_times_every_variant_against_the_reference():
-    out = run_script("bench_train.py", "--quick", "--no-compile", "--rounds", "1")
-    rows = table_rows(out, "128 px")
+    out = run_script("bench_train.py", "--quick", "--no-compile", "--rounds", "1", "--sizes", "64")
+    rows = table_rows(out, "64 px")
     native_bf16 = "bf16 not native" not in out
     expected = ["reference", "medcycle-fp32", "medcycle-bf16", "medcycle-bf16-cl"] if native_bf16 else \
         ["reference", "medcycle-fp32", "medcycle-fp32-cl"]
