@@ -299,6 +299,7 @@ def run(
     mask_path = Path(mask) if mask is not None else None
     dicom_path = Path(dicom_out) if dicom_out is not None else None
     _check_options(batch_size, no_mask, mask_path, tta)
+    torch_device = resolve_device(device)
     if (dicom_ref is not None or rtstruct) and dicom_path is None:
         raise UsageError("--dicom-ref and --rtstruct go with --dicom-out")
     if rtstruct and no_mask:
@@ -307,7 +308,6 @@ def run(
         raise InputError(f"{input}: no such file or folder")
     if mask_path is not None and not mask_path.exists():
         raise InputError(f"{mask_path}: no such mask file")
-    torch_device = resolve_device(device)
 
     folder_mode = input.is_dir() and not is_dicom_series(input)
     ignored: list[str] = []
@@ -398,11 +398,11 @@ def convert_array(
     from medcycle.checkpoint import load_generator
 
     _check_options(batch_size, no_mask, mask, tta)
+    torch_device = resolve_device(device)
     image = _in_memory_image(mr, affine, "mr")
     images = {"mr": image}
     if mask is not None:
         images["mask"] = _in_memory_image(mask, None if isinstance(mask, MetaTensor) else image.affine, "mask")
-    torch_device = resolve_device(device)
     generator, config, _ = load_generator(model, torch_device)
     out_affine = image.affine.clone()
     meta = dict(mr.meta) if isinstance(mr, MetaTensor) else {}
