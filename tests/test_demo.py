@@ -39,7 +39,9 @@ def test_demo_runs_the_whole_job_from_the_cli(tmp_path):
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, encoding="utf-8", errors="replace",
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "held-out MAE" in result.stdout and "[5/5]" in result.stdout
+    assert "[5/5]" in result.stdout
+    summary = [line for line in result.stdout.splitlines() if line.startswith("medcycle demo: ")]
+    assert len(summary) == 1 and summary[0].startswith("medcycle demo: held-out MAE ") and f"-> {out} in " in summary[0]
 
     test_cases = sorted(p.name for p in (out / "data" / "test").iterdir())
     assert len(test_cases) == TEST_CASES
