@@ -21,11 +21,13 @@ class _Lines:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
+        self.last = ""
 
     def write(self, text: str) -> None:
         line = text.replace("\r", "").rstrip()
-        if line:
+        if line and line != self.last:  # closing a bar draws its last state again
             self.stream.write(line + "\n")
+            self.last = line
 
     def flush(self) -> None:
         self.stream.flush()
@@ -44,8 +46,8 @@ def progress(iterable: Optional[Iterable[Any]] = None, *, desc: str, unit: str, 
     if _is_terminal(stream):
         return tqdm(iterable, desc=desc, unit=unit, total=total, initial=initial, file=stream, dynamic_ncols=True,
                     disable=quiet, **options)
-    # the monitor thread refreshes a bar every maxinterval: held to the same interval as the lines
-    options.update(mininterval=LOG_INTERVAL_S, maxinterval=LOG_INTERVAL_S)
+    # maxinterval: tqdm's monitor thread would also redraw a bar whose count has not moved
+    options.update(mininterval=LOG_INTERVAL_S, maxinterval=float("inf"))
     return tqdm(iterable, desc=desc, unit=unit, total=total, initial=initial, file=_Lines(stream), ncols=80,
                 disable=quiet, **options)
 

@@ -46,6 +46,7 @@ def test_a_bar_into_a_log_writes_whole_lines_not_redraws(monkeypatch):
     lines = text.splitlines()
     assert lines[0].startswith("train:   0%") and lines[-1].startswith("train: 100%")
     assert 3 <= len(lines) <= 700 / LOG_INTERVAL_S + 2  # 700 s of updates, not one line per update
+    assert all(a != b for a, b in zip(lines, lines[1:]))  # closing does not repeat the last line
 
     monkeypatch.setattr(sys, "stderr", log := io.StringIO())
     for _ in progress(range(5), desc="x", unit="it", quiet=True):
