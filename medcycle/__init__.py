@@ -7,6 +7,7 @@ The public API, one function per job (each also a ``medcycle`` sub-command)::
     medcycle.preprocess(data="data", out="cache", config="configs/demo_cpu.yaml")
     medcycle.train(config="configs/demo_cpu.yaml", data="cache", out="run")
     medcycle.convert("data/phantom_007/mr.nii.gz", "sct.nii.gz", model="run")
+    sct = medcycle.convert_array(mr_array, affine=affine, model="run")  # in memory: a MetaTensor, same grid
     medcycle.evaluate(pred="sct.nii.gz", ref="data/phantom_007/ct.nii.gz", mask="data/phantom_007/mask.nii.gz")
 
 Volumes: :func:`medcycle.io.load_volume` / :func:`medcycle.io.save_nifti` keep the exact geometry.
@@ -33,13 +34,17 @@ _JOBS = {
 }
 
 
+_FUNCTIONS = {"convert_array": "medcycle.jobs.convert"}  # the in-memory API
+
+
 def __getattr__(name: str) -> Any:
     # Jobs import torch and MONAI; loading them lazily keeps `import medcycle` and `--help` fast.
-    if name in _JOBS:
+    if name in _JOBS or name in _FUNCTIONS:
         import importlib
 
-        return importlib.import_module(_JOBS[name]).run
+        module = importlib.import_module(_JOBS.get(name) or _FUNCTIONS[name])
+        return getattr(module, "run" if name in _JOBS else name)
     raise AttributeError(f"module 'medcycle' has no attribute {name!r}")
 
 
-__all__ = ["__version__", *_JOBS]
+__all__ = ["__version__", *_JOBS, *_FUNCTIONS]

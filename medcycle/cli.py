@@ -6,6 +6,7 @@ import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
 from medcycle import __version__
+from medcycle.device import DEVICE_HELP
 from medcycle.errors import MedcycleError
 
 EXAMPLES = {
@@ -32,13 +33,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add(sub: argparse._SubParsersAction, name: str, summary: str) -> argparse.ArgumentParser:
-    return sub.add_parser(
+    parser = sub.add_parser(
         name,
         help=summary,
         description=summary,
         epilog="example:\n  " + EXAMPLES[name],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars or step lines: only warnings, errors and the final summary line")
+    return parser
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="DEVICE", help=DEVICE_HELP)
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="RUN", help="run folder: checkpoints, logs, images")
     p.add_argument("--max-iters", type=int, metavar="N", help="stop after N iterations (overrides train.iterations)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt exactly where it stopped")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    _add_device(p)
 
     p = _add(sub, "convert", "convert an MRI volume (or a folder of them) to a synthetic CT in HU")
     p.add_argument("-i", "--input", required=True, metavar="INPUT", help="NIfTI/MHA/NRRD file, DICOM-series folder, or a folder of cases")
@@ -92,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", metavar="MASK", help="body mask; computed from the MR when omitted")
     p.add_argument("--no-mask", action="store_true", help="keep the model's values outside the body (default: -1000 HU)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices per forward pass (default 8)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
+    _add_device(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--dicom-out", metavar="DIR", help="also write the sCT as a CT DICOM series")
     p.add_argument("--dicom-ref", metavar="MR_SERIES", help="with --dicom-out: the patient's MR (DICOM folder or file) "
@@ -119,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE", help="config (default configs/demo_cpu.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--seed", type=int, default=0, help="phantom and training seed (default 0)")
+    _add_device(p)
     return parser
 
 
@@ -126,23 +135,25 @@ def _job(args: argparse.Namespace) -> Callable[[], object]:
     import medcycle
 
     if args.command == "phantom":
-        return lambda: medcycle.phantom(out=args.out, cases=args.cases, seed=args.seed, size=args.size)
+        return lambda: medcycle.phantom(out=args.out, cases=args.cases, seed=args.seed, size=args.size, quiet=args.quiet)
     if args.command == "preprocess":
         return lambda: medcycle.preprocess(out=args.out, data=args.data, mr_dir=args.mr_dir, ct_dir=args.ct_dir,
-                                           config=args.config, overrides=args.overrides, workers=args.workers)
+                                           config=args.config, overrides=args.overrides, workers=args.workers,
+                                           quiet=args.quiet)
     if args.command == "train":
         return lambda: medcycle.train(config=args.config, data=args.data, out=args.out, overrides=args.overrides,
-                                      max_iters=args.max_iters, resume=args.resume, device=args.device)
+                                      max_iters=args.max_iters, resume=args.resume, device=args.device,
+                                      quiet=args.quiet)
     if args.command == "convert":
         return lambda: medcycle.convert(input=args.input, output=args.output, model=args.model, mask=args.mask,
                                         no_mask=args.no_mask, batch_size=args.batch_size, device=args.device,
                                         overwrite=args.overwrite, dicom_out=args.dicom_out, tta=args.tta,
-                                        dicom_ref=args.dicom_ref, rtstruct=args.rtstruct)
+                                        dicom_ref=args.dicom_ref, rtstruct=args.rtstruct, quiet=args.quiet)
     if args.command == "evaluate":
         return lambda: medcycle.evaluate(pred=args.pred, ref=args.ref, mask=args.mask, out=args.out, mr=args.mr,
-                                         window=tuple(args.window))
+                                         window=tuple(args.window), quiet=args.quiet)
     return lambda: medcycle.demo(out=args.out, minutes=args.minutes, config=args.config,
-                                 overrides=args.overrides, seed=args.seed)
+                                 overrides=args.overrides, seed=args.seed, device=args.device, quiet=args.quiet)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -585,3 +585,64 @@ def test_cli_prints_one_line_and_exits_non_zero(tmp_path, case, capsys):
     assert code == 1
     code = main(["convert", "-i", str(mr), "-o", str(tmp_path / "o.nii.gz"), "-m", str(model), "--batch-size", "2"])
     assert code == 0 and (tmp_path / "o.nii.gz").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# in memory: the same conversion on an array and its affine, or a MetaTensor
+
+
+def test_in_memory_conversion_equals_the_file_conversion_bit_for_bit(tmp_path, case):
+    from monai.data import MetaTensor
+
+    from medcycle import convert_array
+    from medcycle.io import load_volume
+
+    mr, model = case
+    mask = write_nifti(tmp_path / "mask.nii.gz", (phantom_mr((30, 26, 5)) > 0).astype(np.uint8), oblique_affine())
+    convert(mr, tmp_path / "sct.nii.gz", model)
+    convert(mr, tmp_path / "masked.nii.gz", model, mask=mask)
+    written = nib.load(str(tmp_path / "sct.nii.gz"))
+    source = nib.load(str(mr))
+    array, affine = source.get_fdata(dtype=np.float32), source.affine  # oblique, anisotropic
+
+    sct = convert_array(array, affine=affine, model=model)
+    assert isinstance(sct, MetaTensor) and sct.dtype == torch.int16 and tuple(sct.shape) == array.shape
+    np.testing.assert_array_equal(sct.affine.numpy(), affine)  # exactly the input's grid
+    np.testing.assert_array_equal(sct.numpy(), np.asanyarray(written.dataobj))
+
+    image = load_volume(mr)  # a MetaTensor (1, X, Y, Z): its own affine and shape
+    from_image = convert_array(image, model=model)
+    assert tuple(from_image.shape) == tuple(image.shape)
+    np.testing.assert_array_equal(from_image.affine.numpy(), image.affine.numpy())
+    np.testing.assert_array_equal(from_image.numpy()[0], np.asanyarray(written.dataobj))
+
+    masked = convert_array(array, affine=affine, model=model, mask=np.asanyarray(nib.load(str(mask)).dataobj))
+    np.testing.assert_array_equal(masked.numpy(), np.asanyarray(nib.load(str(tmp_path / "masked.nii.gz")).dataobj))
+
+
+def test_in_memory_conversion_refuses_invalid_volumes_with_the_errors_of_a_file(tmp_path, case):
+    from medcycle import convert_array
+
+    _, model = case
+    affine = oblique_affine()
+    nan = phantom_mr((30, 26, 5))
+    nan[3, 4, 2] = np.nan
+    for array in (nan, phantom_mr((30, 26, 5))[..., 0], np.full((30, 26, 5), 7.0, np.float32)):
+        path = write_nifti(tmp_path / "bad.nii.gz", array, affine)
+        with pytest.raises(InputError) as from_file:
+            convert(path, tmp_path / "out.nii.gz", model)
+        with pytest.raises(InputError) as from_memory:
+            convert_array(array, affine=affine, model=model)
+        message = str(from_memory.value)
+        assert "\n" not in message and message.startswith("<mr array>: ")
+        assert message.split(": ", 1)[1] == str(from_file.value).split(": ", 1)[1]
+    assert not (tmp_path / "out.nii.gz").exists()
+    good = phantom_mr((30, 26, 5))
+    with pytest.raises(UsageError, match="a plain array needs affine="):
+        convert_array(good, model=model)
+    with pytest.raises(InputError, match="the affine must be a 4x4 matrix"):
+        convert_array(good, affine=np.eye(3), model=model)
+    with pytest.raises(InputError, match="the affine is singular"):
+        convert_array(good, affine=np.diag([1.0, 0.0, 1.0, 1.0]), model=model)
+    with pytest.raises(UsageError, match="--mask and --no-mask exclude each other"):
+        convert_array(good, affine=affine, model=model, mask=good > 0, no_mask=True)

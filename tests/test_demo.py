@@ -39,7 +39,9 @@ def test_demo_runs_the_whole_job_from_the_cli(tmp_path):
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, encoding="utf-8", errors="replace",
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "held-out MAE" in result.stdout and "[5/5]" in result.stdout
+    assert "[5/5]" in result.stdout
+    summary = [line for line in result.stdout.splitlines() if line.startswith("medcycle demo: ")]
+    assert len(summary) == 1 and summary[0].startswith("medcycle demo: held-out MAE ") and f"-> {out} in " in summary[0]
 
     test_cases = sorted(p.name for p in (out / "data" / "test").iterdir())
     assert len(test_cases) == TEST_CASES
@@ -56,3 +58,40 @@ def test_demo_runs_the_whole_job_from_the_cli(tmp_path):
     assert (out / "run" / "best.pt").is_file()  # chosen on the validation cases
     with open(out / "run" / "validation.csv") as f:
         assert len(list(csv.DictReader(f))) >= 1
+
+
+def test_quiet_demo_prints_only_its_summary_line_and_passes_the_device_on(tmp_path, monkeypatch, capsys):
+    import medcycle.jobs.convert
+    import medcycle.jobs.evaluate
+    import medcycle.jobs.phantom
+    import medcycle.jobs.preprocess
+    import medcycle.jobs.train
+    from medcycle.cli import main
+
+    calls = {}
+
+    def fake(name):
+        def job(**kwargs):
+            calls[name] = kwargs
+            if name == "phantom":
+                for i in range(TRAIN_CASES + TEST_CASES):
+                    (Path(kwargs["out"]) / f"phantom_{i:03d}").mkdir(parents=True)
+            if name == "evaluate":
+                Path(kwargs["out"]).mkdir(parents=True)
+                (Path(kwargs["out"]) / "summary.json").write_text(json.dumps({"mae": {"mean": 150.0}}))
+            print(f"medcycle {name}: its own summary line")  # a step's line: dropped with --quiet
+        return job
+
+    for name in ("phantom", "preprocess", "train", "convert", "evaluate"):
+        monkeypatch.setattr(getattr(medcycle.jobs, name), "run", fake(name))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--minutes", "3", "--device", "cpu", "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("medcycle demo: held-out MAE 150.0 HU (bone n/a, air n/a)")
+    assert all(kwargs["quiet"] for kwargs in calls.values())
+    assert calls["train"]["device"] == calls["convert"]["device"] == "cpu"
+
+    assert main(["demo", "--out", str(tmp_path / "loud"), "--minutes", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("[1/5] phantom") and "medcycle train: its own summary line" in lines
+    assert [line for line in lines if line.startswith("medcycle demo: ")] and lines[-1].startswith("  run (")

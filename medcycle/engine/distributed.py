@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 
+from medcycle.device import resolve_device
 from medcycle.errors import UsageError
 
 
@@ -109,23 +110,25 @@ def _import_before_group() -> None:
 
 
 def setup(device: Optional[str] = None) -> DistContext:
-    """The device (``cpu``/``cuda``, default cuda when available) and, under torchrun, the process group."""
-    if device not in (None, "cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda, got {device!r}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
+    """The device (:func:`medcycle.device.resolve_device`) and, under torchrun, the process group.
+
+    Under torchrun each process takes the GPU of its ``LOCAL_RANK``, so only ``cuda`` (or ``auto``) names
+    the GPUs there; ``cuda:N`` and ``mps`` are for a single process.
+    """
+    dev = resolve_device(device)
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", rank)
-    if device == "cuda":
+    if world > 1 and (dev.index is not None or dev.type == "mps"):
+        raise UsageError(f"--device {device or 'auto'}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                         "give --device cuda or cpu")
+    if dev.type == "cuda":
         if world > 1 and local_rank >= torch.cuda.device_count():
             raise UsageError(f"LOCAL_RANK {local_rank}: only {torch.cuda.device_count()} CUDA devices on this machine")
-        torch.cuda.set_device(local_rank if world > 1 else torch.cuda.current_device())
+        index = local_rank if world > 1 else dev.index
+        if index is not None:
+            torch.cuda.set_device(index)
         dev = torch.device("cuda", torch.cuda.current_device())
-    else:
-        dev = torch.device("cpu")
     ctx = DistContext(device=dev, rank=rank, world=world, local_rank=local_rank)
     if world > 1:
         import torch.distributed as dist

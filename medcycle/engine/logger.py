@@ -53,10 +53,10 @@ class _CsvLog:
 
 
 class RunLogger:
-    """CSV files, TensorBoard and the tqdm bar of one run (rank 0 only)."""
+    """CSV files, TensorBoard and the progress bar (none when `quiet`) of one run (rank 0 only)."""
 
     def __init__(self, run_dir: Path, enabled: bool, loss_names: Sequence[str], start: int, total: int,
-                 resumed: bool, budget_s: Optional[float] = None) -> None:
+                 resumed: bool, budget_s: Optional[float] = None, quiet: bool = False) -> None:
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.budget_s = budget_s
@@ -65,15 +65,16 @@ class RunLogger:
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
+
+        from medcycle.console import progress
 
         keep = start if resumed else None
         self.losses = _CsvLog(self.run_dir / LOSSES_CSV, ["iteration", "elapsed_s", "lr", "it_per_s", *loss_names], keep)
         self.validation = _CsvLog(self.run_dir / VALIDATION_CSV, ["iteration", "elapsed_s", "mae", "mae_bone", "psnr",
                                                                    "ssim", "tiles", "best"], keep)
         self.tb = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD), purge_step=start + 1 if resumed else None)
-        self.bar = tqdm(total=total, initial=start, desc="train", unit="it", file=sys.stderr, dynamic_ncols=True,
-                        mininterval=1.0, smoothing=0.05)
+        self.bar = progress(total=total, initial=start, desc="train", unit="it", quiet=quiet, mininterval=1.0,
+                            smoothing=0.05)
 
     def step(self, n: int = 1) -> None:
         if self.enabled:

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
+from medcycle import console
 from medcycle.checkpoint import load_checkpoint, save_checkpoint
 from medcycle.config import Config, save_config
 from medcycle.data.cache import load_manifest
@@ -152,15 +153,16 @@ def _dummy_batch(config: Config, batch_size: int) -> dict[str, torch.Tensor]:
 
 
 def fit(config: Config, cache_dir: str | Path, run_dir: str | Path, ctx: DistContext, resume: bool = False,
-        stop_after: Optional[int] = None) -> dict[str, Any]:
-    """Train `config` on the cache `cache_dir` into `run_dir` (see the module docstring); returns a summary.
+        stop_after: Optional[int] = None, quiet: bool = False) -> dict[str, Any]:
+    """Train `config` on the cache `cache_dir` into `run_dir` (see the module docstring); returns a summary,
+    which rank 0 also prints in one line. `quiet`: no progress bar.
 
     `stop_after` ends this session after that iteration as if interrupted cleanly (the schedule still
     follows ``train.iterations``): for tests and benchmarks.
     """
     deterministic_before = torch.are_deterministic_algorithms_enabled()
     try:
-        session = _Session(config, Path(cache_dir), Path(run_dir), ctx, resume)
+        session = _Session(config, Path(cache_dir), Path(run_dir), ctx, resume, quiet)
         with contextlib.closing(session.logger):
             stopped = "already finished" if session.finished() else session.train(stop_after)
     finally:
@@ -207,7 +209,8 @@ class _Tick:
 class _Session:
     """One session of a training run: set up (new or resumed), trained step by step, summarised."""
 
-    def __init__(self, config: Config, cache_dir: Path, run_dir: Path, ctx: DistContext, resume: bool) -> None:
+    def __init__(self, config: Config, cache_dir: Path, run_dir: Path, ctx: DistContext, resume: bool,
+                 quiet: bool = False) -> None:
         self.config, self.cache_dir, self.run_dir, self.ctx = config, cache_dir, run_dir, ctx
         train = config.train
         self.manifest = load_manifest(cache_dir)
@@ -245,7 +248,7 @@ class _Session:
         self.elapsed = self.base_elapsed
         self.sampler_state = {"epoch": self.sampler.epoch, "position": self.sampler.position}
         self.logger = RunLogger(run_dir, ctx.is_main, self.trainer.loss_names, self.start, train.iterations,
-                                resumed=state is not None, budget_s=self.budget)
+                                resumed=state is not None, budget_s=self.budget, quiet=quiet)
 
     # ----------------------------------------------------------------------------------------------
     # set-up
@@ -413,8 +416,8 @@ class _Session:
         trainer, metrics, run_dir = self.trainer, self.metrics, self.run_dir
         if stopped == "already finished":
             if self.ctx.is_main:
-                print(f"train: {run_dir} already finished at iteration {self.start}; raise train.iterations (--max-iters) "
-                      "or train.max_minutes to continue")
+                console.summary("train", f"{run_dir} already finished at iteration {self.start}; raise train.iterations "
+                                         "(--max-iters) or train.max_minutes to continue")
             return {"run": str(run_dir), "iteration": self.start, "elapsed_s": self.elapsed, "stopped": stopped,
                     "best_val_mae": metrics.get("best_val_mae"), "digest": trainer.digest()}
         summary = {"run": str(run_dir), "iteration": trainer.iteration, "elapsed_s": self.elapsed, "stopped": stopped,
@@ -425,8 +428,8 @@ class _Session:
             best = metrics.get("best_val_mae")
             note = f"; best val MAE {best:.1f} HU at iteration {metrics['best_iteration']} ({run_dir / BEST})" \
                 if best is not None else "; no paired val cases, so no validation (best model = last.pt)"
-            print(f"train: {stopped} at iteration {trainer.iteration} after {self.elapsed / 60:.1f} min -> "
-                  f"{run_dir / LAST}{note}")
+            console.summary("train", f"{stopped} at iteration {trainer.iteration} on {self.ctx.device} after "
+                                     f"{console.seconds(self.elapsed)} -> {run_dir / LAST}{note}")
         return summary
 
 

@@ -26,8 +26,12 @@ INPUT is a NIfTI/MHA/NRRD file, a DICOM-series folder, or a folder of cases (fol
   mask when present; a sub-folder holding a DICOM series -> ``OUTPUT/<folder>_sct.nii.gz``;
 * with ``dicom_out`` each case's series goes to ``DICOM_OUT/<case or name>/``.
 
-Folder mode loads the generator once, shows a progress bar, skips cases whose output exists (unless
-``overwrite``), goes on past a failed case, prints a summary and raises :class:`MedcycleError`
+In memory, :func:`convert_array` takes an array and its affine (or a MONAI ``MetaTensor``) through
+the same steps 2-4 (:func:`synthesize_sct`) and returns the sCT on the same grid, writing nothing.
+
+File mode prints one summary line (what was written, its grid, how long). Folder mode loads the
+generator once, shows a progress bar (none when ``quiet``), skips cases whose output exists (unless
+``overwrite``), goes on past a failed case, prints a summary line and raises :class:`MedcycleError`
 (exit 1) when any case failed. In file mode an existing output is refused unless ``overwrite``.
 Outputs are written atomically, so a failure never leaves a partial file, and inputs are only read.
 Each output (the NIfTI, the DICOM folder, in folder mode also both output folders) is locked
@@ -47,7 +51,9 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from medcycle import console
 from medcycle.cases import Case, mr_cases
+from medcycle.device import resolve_device
 from medcycle.errors import InputError, MedcycleError, UsageError
 from medcycle.files import (NIFTI_SUFFIXES, check_output_location, inside, output_lock, refuse_overwriting, stem,
                             volume_suffix)
@@ -161,16 +167,16 @@ def _plan_folder(input: Path, output: Path, dicom_out: Optional[Path]) -> tuple[
     return jobs, ignored
 
 
-def _resolve_device(device: Optional[str]) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device must be cpu or cuda, got {device!r}") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
-    return resolved
+def _check_options(batch_size: int, no_mask: bool, mask: Any, tta: str) -> None:
+    """Refuse options that make no sense, for files and arrays alike."""
+    from medcycle.inferers import TTA_MODES
+
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if no_mask and mask is not None:
+        raise UsageError("--mask and --no-mask exclude each other")
+    if tta not in TTA_MODES:
+        raise UsageError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,31 +187,22 @@ def _round_int16(chunk: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(chunk), -32768, 32767).astype(np.int16)
 
 
-def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
-    """Convert one case with an already loaded generator; returns its result record."""
-    from medcycle.image import affine_of, source_grid, voxels
+def synthesize_sct(images: dict[str, Any], settings: Settings) -> tuple[np.ndarray, Optional[np.ndarray], Any]:
+    """The sCT of ``images["mr"]`` (with its optional ``"mask"``), read images of :mod:`medcycle.image`.
+
+    Returns ``(hu, body, like)``: the sCT in int16 HU on the MR's own grid, -1000 outside the body
+    (unless ``no_mask``); the body mask on that grid (None with ``no_mask``); and an image that knows
+    that grid (what :func:`medcycle.io.save_nifti` writes on). Empties `images`: from the model grid on
+    the images carry the input's geometry, and the originals are not held through the synthesis.
+    """
+    from medcycle.image import affine_of, voxels
     from medcycle.inferers import Runtime, synthesize
-    from medcycle.io import load_volume, save_nifti
     from medcycle.transforms import HUCodec, to_input_grid, volume_transforms
 
-    started = time.perf_counter()
-    if job.case.problem:
-        raise InputError(job.case.problem)
     data = settings.config.data
-    images = {"mr": load_volume(job.mr)}
-    if job.mask is not None:
-        images["mask"] = load_volume(job.mask, allow_constant=True)
-    input_affine, input_shape = source_grid(images["mr"])
-    reference = None
-    if job.dicom_out is not None:  # refuse before any work
-        from medcycle.dicom import check_affine, read_reference
-
-        check_affine(input_affine, job.dicom_out)
-        source = job.dicom_ref or (job.mr if job.mr.is_dir() else None)
-        reference = read_reference(source, input_affine, input_shape) if source is not None else None
     on_model_grid = volume_transforms(data, list(images))(images)  # checks the mask's grid and content
-    body = voxels(images["mask"]) > 0 if job.mask is not None and not settings.no_mask else None
-    del images  # from here on the images on the model grid carry the input's geometry
+    body = voxels(images["mask"]) > 0 if "mask" in images and not settings.no_mask else None
+    images.clear()
 
     mr, model_mask = on_model_grid["mr"], on_model_grid["mask"]
     runtime = Runtime(device=settings.device, amp=settings.config.train.amp, batch_size=settings.batch_size)
@@ -217,8 +214,31 @@ def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
         if body is None:
             body = to_input_grid(model_mask, affine_of(model_mask), mr, post=lambda c: c >= 0.5, dtype=bool)
         hu[~body] = AIR_HU
+    return hu, body, mr
 
-    save_nifti(job.output, hu, like=mr, dtype=np.int16)
+
+def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
+    """Convert one case with an already loaded generator; returns its result record."""
+    from medcycle.image import source_grid, spacing_of
+    from medcycle.io import load_volume, save_nifti
+
+    started = time.perf_counter()
+    if job.case.problem:
+        raise InputError(job.case.problem)
+    images = {"mr": load_volume(job.mr)}
+    if job.mask is not None:
+        images["mask"] = load_volume(job.mask, allow_constant=True)
+    input_affine, input_shape = source_grid(images["mr"])
+    reference = None
+    if job.dicom_out is not None:  # refuse before any work
+        from medcycle.dicom import check_affine, read_reference
+
+        check_affine(input_affine, job.dicom_out)
+        source = job.dicom_ref or (job.mr if job.mr.is_dir() else None)
+        reference = read_reference(source, input_affine, input_shape) if source is not None else None
+    hu, body, like = synthesize_sct(images, settings)
+
+    save_nifti(job.output, hu, like=like, dtype=np.int16)
     record: dict[str, Any] = {"case": job.case.name, "input": str(job.mr), "output": str(job.output)}
     if job.dicom_out is not None:
         from medcycle.dicom import write_ct_series
@@ -233,6 +253,7 @@ def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
         if settings.rtstruct:
             record["rtstruct"] = str(files[-1])
     record.update(status="converted", seconds=round(time.perf_counter() - started, 3), shape=list(input_shape),
+                  spacing=list(spacing_of(input_affine)),
                   mask="none" if settings.no_mask else ("given" if job.mask is not None else "computed"))
     return record
 
@@ -254,6 +275,7 @@ def run(
     tta: str = "mirror",
     dicom_ref: Optional[str | os.PathLike] = None,
     rtstruct: bool = False,
+    quiet: bool = False,
 ) -> list[dict[str, Any]]:
     """Convert INPUT (file, DICOM folder or folder of cases) to synthetic CT; returns one record per case.
 
@@ -264,21 +286,20 @@ def run(
     series, for a NIfTI input) gives it patient, study and frame of reference; ``rtstruct`` adds the
     body contour as an RT Structure Set.
 
+    `device`: :func:`medcycle.device.resolve_device` (default ``auto``); `quiet`: no progress bar. One
+    summary line is printed: what was written where, on which grid (file mode) or how many cases, how long.
+
     Each record holds ``case``, ``input``, ``output``, ``status`` (``converted``, ``skipped`` or
-    ``failed``) and, as they apply, ``dicom``, ``rtstruct``, ``seconds``, ``error``.
+    ``failed``) and, as they apply, ``dicom``, ``rtstruct``, ``seconds``, ``shape``, ``spacing``, ``error``.
     """
     from medcycle.checkpoint import load_generator
-    from medcycle.inferers import TTA_MODES
 
+    started = time.perf_counter()
     input, output = Path(input), Path(output)
     mask_path = Path(mask) if mask is not None else None
     dicom_path = Path(dicom_out) if dicom_out is not None else None
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if no_mask and mask_path is not None:
-        raise UsageError("--mask and --no-mask exclude each other")
-    if tta not in TTA_MODES:
-        raise UsageError(f"--tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    _check_options(batch_size, no_mask, mask_path, tta)
+    torch_device = resolve_device(device)
     if (dicom_ref is not None or rtstruct) and dicom_path is None:
         raise UsageError("--dicom-ref and --rtstruct go with --dicom-out")
     if rtstruct and no_mask:
@@ -287,7 +308,6 @@ def run(
         raise InputError(f"{input}: no such file or folder")
     if mask_path is not None and not mask_path.exists():
         raise InputError(f"{mask_path}: no such mask file")
-    torch_device = _resolve_device(device)
 
     folder_mode = input.is_dir() and not is_dicom_series(input)
     ignored: list[str] = []
@@ -312,24 +332,94 @@ def run(
     settings = Settings(generator, config, torch_device, batch_size, no_mask, overwrite, tta, rtstruct)
     if folder_mode:
         with _locked(output, dicom_path):
-            return _run_folder(jobs, ignored, input, output, settings)
+            return _run_folder(jobs, ignored, input, output, settings, quiet, started)
     with _locked(job.output, job.dicom_out):  # from the existence checks to the last file written
         if job.output.exists() and not overwrite:
             raise InputError(f"{job.output}: already exists (use --overwrite to replace it)")
         if job.dicom_out is not None and job.dicom_out.is_dir() and any(job.dicom_out.iterdir()) and not overwrite:
             raise InputError(f"{job.dicom_out}: already exists and is not empty (use --overwrite to replace it)")
-        return [convert_case(job, settings)]
+        record = convert_case(job, settings)
+    dicom = f", CT series in {record['dicom']}" if "dicom" in record else ""
+    console.summary("convert", f"wrote {job.output} ({console.grid(record['shape'], record['spacing'])}){dicom} "
+                               f"on {torch_device} in {console.seconds(time.perf_counter() - started)}")
+    return [record]
+
+
+def _in_memory_image(volume: Any, affine: Any, what: str) -> Any:
+    """`volume` (array or MetaTensor) as a read image of :mod:`medcycle.image`, refused like a file would be."""
+    from monai.data import MetaTensor
+
+    from medcycle.image import make_image
+    from medcycle.io import as_float32, check_affine, validate_array
+
+    if isinstance(volume, MetaTensor):
+        source = str(volume.meta.get("filename_or_obj") or f"<{what} array>")
+        if affine is not None:
+            raise UsageError(f"{source}: a MetaTensor carries its affine; give affine= only with a plain array")
+        affine, volume = volume.affine, volume.as_tensor()
+    else:
+        source = f"<{what} array>"
+        if affine is None:
+            raise UsageError(f"{source}: a plain array needs affine=, its 4x4 voxel-to-RAS matrix")
+    array = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    if array.ndim == 4 and array.shape[0] == 1:  # (1, X, Y, Z), the channel-first layout of MONAI
+        array = array[0]
+    affine = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise InputError(f"{source}: the affine must be a 4x4 matrix, got shape {affine.shape}")
+    values = as_float32(array, source)
+    validate_array(values, source, allow_constant=what == "mask")
+    check_affine(affine, source)
+    return make_image(values, affine, source)
+
+
+def convert_array(
+    mr: Any,
+    affine: Any = None,
+    *,
+    model: str | os.PathLike,
+    mask: Any = None,
+    no_mask: bool = False,
+    batch_size: int = 8,
+    device: Optional[str] = None,
+    tta: str = "mirror",
+) -> Any:
+    """The sCT of an MR volume in memory, written nowhere: the steps of a file's conversion
+    (:func:`synthesize_sct`) on an array and its affine, or on a MONAI ``MetaTensor``.
+
+    `mr`: ``(X, Y, Z)`` or ``(1, X, Y, Z)`` numpy array or tensor with `affine` (4x4 voxel-to-RAS, as
+    nibabel's ``img.affine``), or a ``MetaTensor`` (its own affine; e.g. from
+    :func:`medcycle.io.load_volume`). `mask`: an optional body mask on the same grid. Returns a
+    ``MetaTensor`` of `mr`'s shape and affine holding the sCT in int16 HU, the values the file
+    conversion writes. Invalid volumes are refused with the one-line errors of a file.
+    """
+    from monai.data import MetaTensor
+
+    from medcycle.checkpoint import load_generator
+
+    _check_options(batch_size, no_mask, mask, tta)
+    torch_device = resolve_device(device)
+    image = _in_memory_image(mr, affine, "mr")
+    images = {"mr": image}
+    if mask is not None:
+        images["mask"] = _in_memory_image(mask, None if isinstance(mask, MetaTensor) else image.affine, "mask")
+    generator, config, _ = load_generator(model, torch_device)
+    out_affine = image.affine.clone()
+    meta = dict(mr.meta) if isinstance(mr, MetaTensor) else {}
+    hu, _, _ = synthesize_sct(images, Settings(generator, config, torch_device, batch_size, no_mask, tta=tta))
+    values = torch.from_numpy(hu).reshape(np.shape(mr))
+    return MetaTensor(values, affine=out_affine, meta={key: v for key, v in meta.items() if key != "affine"})
 
 
 def _run_folder(jobs: list[Conversion], ignored: list[str], input: Path, output: Path,
-                settings: Settings) -> list[dict[str, Any]]:
+                settings: Settings, quiet: bool, started: float) -> list[dict[str, Any]]:
     from dataclasses import replace
 
     from tqdm import tqdm
 
     records: list[dict[str, Any]] = []
     each = replace(settings, overwrite=True)  # a case that is not skipped replaces its partial outputs
-    bar = tqdm(jobs, desc="convert", unit="case", file=sys.stderr, dynamic_ncols=True)
+    bar = console.progress(jobs, desc="convert", unit="case", quiet=quiet)
     for job in bar:
         bar.set_postfix_str(job.case.name)
         base = {"case": job.case.name, "input": str(job.mr), "output": str(job.output)}
@@ -350,9 +440,11 @@ def _run_folder(jobs: list[Conversion], ignored: list[str], input: Path, output:
     bar.close()
 
     counts = {s: sum(r["status"] == s for r in records) for s in ("converted", "skipped", "failed")}
-    print(
-        f"convert: {counts['converted']} converted, {counts['skipped']} skipped (output exists), "
-        f"{counts['failed']} failed, of {len(records)} cases -> {output}"
+    console.summary(
+        "convert",
+        f"{counts['converted']} converted, {counts['skipped']} skipped (output exists), "
+        f"{counts['failed']} failed, of {len(records)} cases -> {output} on {settings.device} "
+        f"in {console.seconds(time.perf_counter() - started)}"
         + (f"; ignored folders without mr.*: {', '.join(ignored)}" if ignored else "")
     )
     failed = [r for r in records if r["status"] == "failed"]
@@ -363,4 +455,4 @@ def _run_folder(jobs: list[Conversion], ignored: list[str], input: Path, output:
     return records
 
 
-__all__ = ["Conversion", "Settings", "convert_case", "run"]
+__all__ = ["Conversion", "Settings", "convert_array", "convert_case", "run", "synthesize_sct"]

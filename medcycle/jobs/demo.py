@@ -5,11 +5,13 @@ within a wall-clock budget -> convert the held-out MRIs -> evaluate against thei
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from medcycle.config import find_config
 from medcycle.errors import UsageError
@@ -42,51 +44,74 @@ def format_mean(summary: dict, key: str, fmt: str) -> str:
 
 
 def run(out: str | Path = "medcycle_demo", minutes: float = 15.0, config: Optional[str | Path] = None,
-        overrides: Sequence[str] = (), seed: int = 0) -> dict:
-    """Run the demo in `out` within about `minutes` in all; returns the held-out evaluation summary."""
+        overrides: Sequence[str] = (), seed: int = 0, device: Optional[str] = None, quiet: bool = False) -> dict:
+    """Run the demo in `out` within about `minutes` in all; returns the held-out evaluation summary.
+
+    `device` trains and converts (:func:`medcycle.device.resolve_device`, default ``auto``); `quiet`:
+    no progress bars and no step lines, only the summary line at the end.
+    """
     started = time.perf_counter()  # before the imports: loading torch and MONAI takes ~5 s of the budget
     import medcycle.jobs.convert
     import medcycle.jobs.evaluate
     import medcycle.jobs.phantom
     import medcycle.jobs.preprocess
     import medcycle.jobs.train
+    from medcycle.console import note, seconds, summary
+    from medcycle.device import resolve_device
 
     if minutes <= 0:
         raise UsageError(f"--minutes must be > 0, got {minutes}")
+    resolve_device(device)  # an unavailable device is refused before the data is made
     config = find_config(config or DEFAULT_CONFIG)
     out = Path(out)
     train_dir, test_dir = out / "data" / "train", out / "data" / "test"
 
-    print(f"[1/5] phantom: {TRAIN_CASES + TEST_CASES} paired MR/CT head cases in {out / 'data'}")
+    note(f"[1/5] phantom: {TRAIN_CASES + TEST_CASES} paired MR/CT head cases in {out / 'data'}", quiet)
     if not (train_dir.is_dir() and test_dir.is_dir()):
         staging = out / "data" / "phantom"
-        medcycle.jobs.phantom.run(out=staging, cases=TRAIN_CASES + TEST_CASES, seed=seed, size="full")
+        with _step_lines(quiet):
+            medcycle.jobs.phantom.run(out=staging, cases=TRAIN_CASES + TEST_CASES, seed=seed, size="full", quiet=quiet)
         _split_cases(staging, train_dir, test_dir)
 
-    print(f"[2/5] preprocess: {TRAIN_CASES} cases -> {out / 'cache'}")
-    medcycle.jobs.preprocess.run(out=out / "cache", data=train_dir, config=config, overrides=overrides, workers=2)
+    note(f"[2/5] preprocess: {TRAIN_CASES} cases -> {out / 'cache'}", quiet)
+    with _step_lines(quiet):
+        medcycle.jobs.preprocess.run(out=out / "cache", data=train_dir, config=config, overrides=overrides, workers=2,
+                                     quiet=quiet)
 
     train_minutes = training_minutes(minutes, (time.perf_counter() - started) / 60)
-    print(f"[3/5] train: {config.name} for {train_minutes:g} min -> {out / 'run'}")
+    note(f"[3/5] train: {config.name} for {train_minutes:g} min -> {out / 'run'}", quiet)
     train_overrides = [*overrides, f"train.max_minutes={train_minutes}", f"train.seed={seed}"]
     resume = (out / "run" / "last.pt").is_file()
-    medcycle.jobs.train.run(config=config, data=out / "cache", out=out / "run", overrides=train_overrides, resume=resume)
+    with _step_lines(quiet):
+        medcycle.jobs.train.run(config=config, data=out / "cache", out=out / "run", overrides=train_overrides,
+                                resume=resume, device=device, quiet=quiet)
 
-    print(f"[4/5] convert: {TEST_CASES} held-out MRIs -> {out / 'sct'}")
-    medcycle.jobs.convert.run(input=test_dir, output=out / "sct", model=out / "run", overwrite=True)
+    note(f"[4/5] convert: {TEST_CASES} held-out MRIs -> {out / 'sct'}", quiet)
+    with _step_lines(quiet):
+        medcycle.jobs.convert.run(input=test_dir, output=out / "sct", model=out / "run", overwrite=True, device=device,
+                                  quiet=quiet)
 
-    print(f"[5/5] evaluate against the real CT -> {out / 'report'}")
-    medcycle.jobs.evaluate.run(pred=out / "sct", ref=test_dir, out=out / "report")
-    summary = json.loads((out / "report" / "summary.json").read_text())
+    note(f"[5/5] evaluate against the real CT -> {out / 'report'}", quiet)
+    with _step_lines(quiet):
+        medcycle.jobs.evaluate.run(pred=out / "sct", ref=test_dir, out=out / "report", quiet=quiet)
+    result = json.loads((out / "report" / "summary.json").read_text())
 
     def mean(key: str, fmt: str) -> str:
-        return format_mean(summary, key, fmt)
+        return format_mean(result, key, fmt)
 
-    print(
-        f"\nmedcycle demo finished in {(time.perf_counter() - started) / 60:.1f} min\n"
-        f"  held-out MAE {mean('mae', '.1f')} HU (bone {mean('mae_bone', '.1f')}, air {mean('mae_air', '.1f')}), "
-        f"PSNR {mean('psnr', '.2f')} dB, SSIM {mean('ssim', '.3f')}\n"
-        f"  synthetic CTs: {out / 'sct'}\n  figures and metrics: {out / 'report'}\n"
-        f"  run (checkpoints, losses.csv, tensorboard, images): {out / 'run'}"
-    )
-    return summary
+    summary("demo", f"held-out MAE {mean('mae', '.1f')} HU (bone {mean('mae_bone', '.1f')}, air {mean('mae_air', '.1f')}), "
+                    f"PSNR {mean('psnr', '.2f')} dB, SSIM {mean('ssim', '.3f')} on {TEST_CASES} cases -> {out} "
+                    f"in {seconds(time.perf_counter() - started)}")
+    note(f"  synthetic CTs: {out / 'sct'}\n  figures and metrics: {out / 'report'}\n"
+         f"  run (checkpoints, losses.csv, tensorboard, images): {out / 'run'}", quiet)
+    return result
+
+
+@contextlib.contextmanager
+def _step_lines(quiet: bool) -> Iterator[None]:
+    """With `quiet`, a step's own summary line is dropped: the demo ends with its one line."""
+    if not quiet:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield

@@ -25,12 +25,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 
+from medcycle import console
 from medcycle.cases import ct_cases, find_named_volume
 from medcycle.errors import InputError, MedcycleError, UsageError
 from medcycle.files import atomic_write, stem
@@ -209,9 +211,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def run(pred: str | Path, ref: str | Path, mask: Optional[str | Path] = None, out: Optional[str | Path] = None,
-        mr: Optional[str | Path] = None, window: tuple[float, float] = (-1024.0, 3000.0)) -> dict:
-    """Evaluate `pred` against `ref` (files, or folders of cases); print the table, write the
-    report to `out` when given, and return the summary (what ``summary.json`` holds)."""
+        mr: Optional[str | Path] = None, window: tuple[float, float] = (-1024.0, 3000.0), quiet: bool = False) -> dict:
+    """Evaluate `pred` against `ref` (files, or folders of cases); print the table (not when `quiet`) and
+    a summary line, write the report to `out` when given, and return the summary (what ``summary.json`` holds)."""
+    started = time.perf_counter()
     pred, ref = Path(pred), Path(ref)
     mask_path = Path(mask) if mask is not None else None
     mr_path = Path(mr) if mr is not None else None
@@ -246,16 +249,18 @@ def run(pred: str | Path, ref: str | Path, mask: Optional[str | Path] = None, ou
         if pred.is_dir() and not is_dicom_series(pred):
             raise UsageError(f"{pred}: REF {ref} is one CT, so PRED must be one synthetic CT file (or DICOM folder)")
         cases = [EvalCase(name=_file_case_name(pred), pred=pred, ref=ref, mask=mask_path, mr=mr_path)]
-    return _evaluate(cases, (lo, hi), out_path, folder_mode, pred)
+    return _evaluate(cases, (lo, hi), out_path, folder_mode, pred, quiet, started)
 
 
 def _evaluate(cases: list[EvalCase], window: tuple[float, float], out: Optional[Path], folder_mode: bool,
-              pred_root: Path) -> dict:
+              pred_root: Path, quiet: bool, started: float) -> dict:
     table = _Table([c.name for c in cases], show_mask=folder_mode)
     heading = [f"SynthRAD metrics inside the body mask; PSNR/SSIM window [{window[0]:g}, {window[1]:g}] HU; "
                "MAE in bone (CT >= 250 HU), air (CT < -400 HU) and soft tissue (the rest)", table.header()]
 
     def emit(line: str) -> None:  # the heading comes with the first line: a refused single case prints only its error
+        if quiet:
+            return
         while heading:
             print(heading.pop(0))
         print(line, flush=True)
@@ -294,18 +299,23 @@ def _evaluate(cases: list[EvalCase], window: tuple[float, float], out: Optional[
     summary.update({"cases": len(rows), "window": [window[0], window[1]], "masks": masks,
                     "missing": missing, "failed": failed})
     if rows:
-        print(table.row("mean", {k: summary[k]["mean"] for k in SUMMARY_KEYS}))
+        emit(table.row("mean", {k: summary[k]["mean"] for k in SUMMARY_KEYS}))
         if len(rows) > 1:
-            print(table.row("std", {k: summary[k]["std"] for k in SUMMARY_KEYS}))
-    if not folder_mode and rows:
-        print(f"mask: {masks[rows[0]['case']]}")
-    elif folder_mode and rows:
-        print("mask: 'file' = the case's mask.*, 'from CT' = computed from the CT "
-              "(body above the CT threshold; no mask.* in the case folder)")
+            emit(table.row("std", {k: summary[k]["std"] for k in SUMMARY_KEYS}))
+        if not folder_mode:
+            emit(f"mask: {masks[rows[0]['case']]}")
+        else:
+            emit("mask: 'file' = the case's mask.*, 'from CT' = computed from the CT "
+                 "(body above the CT threshold; no mask.* in the case folder)")
     if out is not None and rows:
         _write_csv(out / "metrics.csv", rows)
         _write_json(out / "summary.json", summary)
-        print(f"report: {out / 'metrics.csv'}, {out / 'summary.json'} and {len(rows)} figure(s) in {out}")
+    if rows:
+        mean = {k: summary[k]["mean"] for k in ("mae", "psnr", "ssim")}
+        report = f" -> {out} (metrics.csv, summary.json, {len(rows)} figure(s))" if out is not None else ""
+        console.summary("evaluate", f"{len(rows)} case(s), mean MAE {_fmt(mean['mae'], 1)} HU, PSNR "
+                                    f"{_fmt(mean['psnr'], 2)} dB, SSIM {_fmt(mean['ssim'], 4)} inside the body mask"
+                                    f"{report} in {console.seconds(time.perf_counter() - started)}")
     if failed:
         parts = []
         if missing:

@@ -6,12 +6,13 @@ number of cases, so a larger ``--cases`` extends an earlier run. A case folder t
 four files is skipped (a killed run resumes where it stopped); one that lacks some gets the missing
 files, regenerated from the seed (files are written atomically, so a file present is complete).
 Existing files are checked (grid in the header) against the requested seed and size, so a folder
-from another run is refused instead of mixed with it. Nothing is printed but the progress bar.
+from another run is refused instead of mixed with it. A progress bar (none when ``quiet``), then one
+summary line.
 """
 from __future__ import annotations
 
 import os
-import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,26 +54,33 @@ def _existing(folder: Path, shape: tuple[int, ...], affine: np.ndarray) -> list[
     return present
 
 
-def run(out: str | os.PathLike, cases: int = 8, seed: int = 0, size: str = "full") -> list[Path]:
+def run(out: str | os.PathLike, cases: int = 8, seed: int = 0, size: str = "full", quiet: bool = False) -> list[Path]:
     """Write `cases` phantom cases of `seed` under `out`; returns the case folders (in order).
 
     Raises :class:`~medcycle.errors.UsageError` for bad arguments and
     :class:`~medcycle.errors.InputError` when `out` cannot be used.
     """
-    from tqdm import tqdm
-
+    from medcycle.console import grid, progress, seconds, summary
     from medcycle.data.phantom import FILES, case_grid, case_name, make_case, write_case
+    from medcycle.image import spacing_of
 
     _check_arguments(cases, seed, size)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder; choose an output folder")
+    started = time.perf_counter()
     folders = [out / case_name(index) for index in range(int(cases))]
-    for index, folder in enumerate(tqdm(folders, desc="phantom", unit="case", file=sys.stderr, dynamic_ncols=True)):
+    written = 0
+    for index, folder in enumerate(progress(folders, desc="phantom", unit="case", quiet=quiet)):
         if folder.exists() and not folder.is_dir():
             raise InputError(f"{folder}: exists and is not a folder; remove it or choose another --out")
         shape, affine = case_grid(int(seed), index, size)
         missing = [name for name in FILES if name not in _existing(folder, shape, affine)] if folder.is_dir() else list(FILES)
         if missing:
             write_case(folder, make_case(int(seed), index, size), names=missing)
+            written += 1
+    count = f"{written} cases" if written == len(folders) else \
+        f"{written} of {len(folders)} cases ({len(folders) - written} already there)"
+    summary("phantom", f"wrote {count} in {out} ({grid(shape, spacing_of(affine))}, seed {seed}) "
+                       f"in {seconds(time.perf_counter() - started)}")
     return folders

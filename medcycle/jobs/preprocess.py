@@ -177,14 +177,16 @@ def run(
     config: Any = None,
     overrides: Sequence[str] = (),
     workers: int = 1,
+    quiet: bool = False,
 ) -> dict[str, Any]:
-    """Preprocess every case into the tile cache `out`; returns a summary.
+    """Preprocess every case into the tile cache `out`; returns a summary (also printed in one line).
 
     The summary holds ``cache``, ``manifest``, ``cases`` (found), ``done``, ``skipped``, ``failed``,
     ``tiles`` (in the manifest), ``train`` / ``val`` (case counts) and ``failures`` (messages).
     `config` is a YAML path, a :class:`~medcycle.config.Config` or None (defaults); `overrides` are
-    ``KEY=VALUE`` strings.
+    ``KEY=VALUE`` strings. `quiet`: no progress bar.
     """
+    started = time.perf_counter()
     cfg = resolve_config(config, overrides)
     if data is None and mr_dir is None:
         raise UsageError("preprocess needs --data DIR (SynthRAD layout) or --mr-dir DIR (with --ct-dir DIR)")
@@ -216,14 +218,17 @@ def run(
     cases.sort(key=lambda c: c.name)
 
     with cache.lock(out):
-        return _run_locked(cases, ignored, out, cfg, workers, data, mr_dir, ct_dir)
+        return _run_locked(cases, ignored, out, cfg, workers, data, mr_dir, ct_dir, quiet, started)
 
 
 def _run_locked(cases: list[Case], ignored: list[str], out: Path, cfg: Any, workers: int,
                 data: Optional[str | os.PathLike], mr_dir: Optional[str | os.PathLike],
-                ct_dir: Optional[str | os.PathLike]) -> dict[str, Any]:
+                ct_dir: Optional[str | os.PathLike], quiet: bool, started: float) -> dict[str, Any]:
     """Process `cases` into the cache `out` (whose lock the caller holds) and write its manifest."""
     from tqdm import tqdm
+
+    from medcycle.console import progress, seconds
+    from medcycle.console import summary as summary_line
 
     data_cfg = cfg.data
     data_hash = config_hash(data_cfg)
@@ -235,7 +240,7 @@ def _run_locked(cases: list[Case], ignored: list[str], out: Path, cfg: Any, work
     import medcycle.transforms  # noqa: F401 - torch and MONAI, imported once here so forked workers share them
 
     results: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(cases), desc="preprocess", unit="case", file=sys.stderr, dynamic_ncols=True)
+    bar = progress(total=len(cases), desc="preprocess", unit="case", quiet=quiet)
 
     def collect(result: dict[str, Any]) -> None:
         results[result["case"]] = result
@@ -303,10 +308,12 @@ def _run_locked(cases: list[Case], ignored: list[str], out: Path, cfg: Any, work
         "failures": failures,
         "ignored": ignored,
     }
-    print(
-        f"preprocess: {summary['done']} done, {summary['skipped']} skipped (unchanged), {summary['failed']} failed, "
+    summary_line(
+        "preprocess",
+        f"{summary['done']} done, {summary['skipped']} skipped (unchanged), {summary['failed']} failed, "
         f"of {summary['cases']} cases; {summary['tiles']} tiles ({summary['train']} train / {summary['val']} val cases)"
-        f" -> {out}" + (f"; ignored folders without mr.*/ct.*: {', '.join(ignored)}" if ignored else "")
+        f" -> {out} in {seconds(time.perf_counter() - started)}"
+        + (f"; ignored folders without mr.*/ct.*: {', '.join(ignored)}" if ignored else "")
     )
     if failures:
         failed_ids = sorted(cid for cid, r in results.items() if r["status"] == "failed")

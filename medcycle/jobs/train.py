@@ -3,7 +3,7 @@
 ::
 
     medcycle train --config configs/demo_cpu.yaml --data CACHE --out RUN [--max-iters N] [--resume]
-                   [--device cpu|cuda] [--set key=value ...]
+                   [--device auto|cpu|cuda|cuda:N|mps] [--quiet] [--set key=value ...]
     torchrun --nproc_per_node=N -m medcycle train ...        # DDP: gloo on CPU, nccl on CUDA
 
 The run folder gets ``config.yaml`` (the resolved config), ``last.pt`` (every
@@ -47,10 +47,11 @@ def run_config(config: Any, overrides: Sequence[str], out: Path, resume: bool, m
 
 def run(config: Any = None, data: Optional[str | os.PathLike] = None, out: Optional[str | os.PathLike] = None,
         overrides: Sequence[str] = (), max_iters: Optional[int] = None, resume: bool = False,
-        device: Optional[str] = None, stop_after: Optional[int] = None) -> dict[str, Any]:
+        device: Optional[str] = None, stop_after: Optional[int] = None, quiet: bool = False) -> dict[str, Any]:
     """Train into `out` on the cache `data`; returns a summary (``run``, ``iteration``, ``elapsed_s``,
-    ``stopped``, ``best_val_mae``, ``last``, ``best``, ``digest`` of the weights).
+    ``stopped``, ``best_val_mae``, ``last``, ``best``, ``digest`` of the weights), also printed in one line.
 
+    `device`: :func:`medcycle.device.resolve_device` (default ``auto``); `quiet`: no progress bar.
     `stop_after` ends the session after that iteration without changing the schedule (tests, benchmarks).
     """
     from medcycle.engine import distributed
@@ -63,7 +64,7 @@ def run(config: Any = None, data: Optional[str | os.PathLike] = None, out: Optio
     ctx = distributed.setup(device)
     try:
         with _one_line_errors(cfg):
-            return fit(cfg, Path(data), out, ctx, resume=resume, stop_after=stop_after)
+            return fit(cfg, Path(data), out, ctx, resume=resume, stop_after=stop_after, quiet=quiet)
     except MedcycleError as exc:
         if ctx.rank > 0:  # rank 0 reports; the others leave quietly with the same exit code
             raise SystemExit(exc.exit_code) from None
