@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", metavar="MASK", help="body mask (folder mode: each case's mask.*)")
     p.add_argument("--mr", metavar="MR", help="MR shown in the figure (folder mode: each case's mr.*)")
     p.add_argument("--out", metavar="DIR", help="write report.md, metrics.csv, summary.json and the figures")
-    p.add_argument("--window", nargs="+", default=["synthrad2023"], metavar="NAME|LO HI",
+    p.add_argument("--window", nargs="+", default=["synthrad2023"], metavar=("NAME|LO", "HI"),
                    help="HU range for PSNR/SSIM/MS-SSIM: synthrad2023 (default, -1024 3000), synthrad2025 "
                         "(-1024 3071) or two numbers")
     p.add_argument("--dose", choices=("photon", "proton", "both"), help="also plan on the CT, recompute on the sCT "
