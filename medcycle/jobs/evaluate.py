@@ -357,7 +357,7 @@ def _dose_info(request: Optional[DoseRequest]) -> dict[str, Any]:
                 "prescription_gy": PRESCRIPTION_GY, "engine": f"pyRadPlan {importlib.metadata.version('pyRadPlan')}"}
     reason = dose.unavailable_reason()
     if reason:
-        return {"skipped": f"the dose extra is not installed: {reason}"}
+        return {"skipped": f"the dose extra is missing: {reason}"}
     return {"skipped": "not requested (--dose photon|proton|both)"}
 
 
