@@ -19,7 +19,7 @@ EXAMPLES = {
     "convert": "medcycle convert -i mr.nii.gz -o sct.nii.gz --model run\n"
     "  medcycle convert -i patients/ -o sct/ --model run/best.pt --dicom-out sct_dicom/",
     "evaluate": "medcycle evaluate --pred sct.nii.gz --ref ct.nii.gz --mask mask.nii.gz --out report\n"
-    "  medcycle evaluate --pred sct/ --ref data/ --out report",
+    "  medcycle evaluate --pred sct/ --ref data/ --out report --window synthrad2025 --dose both",
     "demo": "medcycle demo                  # phantom -> preprocess -> train 15 min -> convert -> evaluate\n"
     "  medcycle demo --minutes 3 --out demo_quick",
 }
@@ -111,14 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time augmentation: 'mirror' (default) averages the four in-plane mirrorings of each "
                         "slice (less invented texture; 4x the compute), 'none' runs each slice once")
 
-    p = _add(sub, "evaluate", "SynthRAD2023 metrics (MAE/PSNR/SSIM in HU inside the body) and figures")
+    p = _add(sub, "evaluate", "SynthRAD metrics (MAE/PSNR/SSIM/MS-SSIM in HU, bone and air Dice/HD95 inside the body), "
+             "optional dose metrics, and figures")
     p.add_argument("--pred", required=True, metavar="SCT", help="synthetic CT file or folder")
     p.add_argument("--ref", required=True, metavar="CT", help="reference CT file or folder of cases")
     p.add_argument("--mask", metavar="MASK", help="body mask (folder mode: each case's mask.*)")
     p.add_argument("--mr", metavar="MR", help="MR shown in the figure (folder mode: each case's mr.*)")
-    p.add_argument("--out", metavar="DIR", help="write metrics.csv, summary.json and one PNG per case")
-    p.add_argument("--window", type=float, nargs=2, default=(-1024.0, 3000.0), metavar=("LO", "HI"),
-                   help="HU range for PSNR/SSIM (default -1024 3000, SynthRAD2023; 2025 uses -1024 3071)")
+    p.add_argument("--out", metavar="DIR", help="write report.md, metrics.csv, summary.json and the figures")
+    p.add_argument("--window", nargs="+", default=["synthrad2023"], metavar=("NAME|LO", "HI"),
+                   help="HU range for PSNR/SSIM/MS-SSIM: synthrad2023 (default, -1024 3000), synthrad2025 "
+                        "(-1024 3071) or two numbers")
+    p.add_argument("--dose", choices=("photon", "proton", "both"), help="also plan on the CT, recompute on the sCT "
+                   "and report dose error, gamma 2%%/2mm and DVH differences (needs pip install \"medcycle[dose]\")")
+    p.add_argument("--dose-grid", type=float, default=3.0, metavar="MM", help="dose grid voxel size (default 3 mm)")
+    p.add_argument("--target", metavar="MASK", help="with --dose: the plans' target (folder mode: each case's "
+                   "target.*; default a 30 mm sphere at the brain's centre)")
 
     p = _add(sub, "demo", "the whole job on built-in phantom data: data, training, conversion, evaluation")
     p.add_argument("--out", default="medcycle_demo", metavar="DIR", help="demo folder (default medcycle_demo)")
@@ -150,8 +157,10 @@ def _job(args: argparse.Namespace) -> Callable[[], object]:
                                         overwrite=args.overwrite, dicom_out=args.dicom_out, tta=args.tta,
                                         dicom_ref=args.dicom_ref, rtstruct=args.rtstruct, quiet=args.quiet)
     if args.command == "evaluate":
+        window = args.window[0] if len(args.window) == 1 else tuple(args.window)
         return lambda: medcycle.evaluate(pred=args.pred, ref=args.ref, mask=args.mask, out=args.out, mr=args.mr,
-                                         window=tuple(args.window), quiet=args.quiet)
+                                         window=window, dose=args.dose, dose_grid_mm=args.dose_grid,
+                                         target=args.target, quiet=args.quiet)
     return lambda: medcycle.demo(out=args.out, minutes=args.minutes, config=args.config,
                                  overrides=args.overrides, seed=args.seed, device=args.device, quiet=args.quiet)
 

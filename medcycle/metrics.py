@@ -40,6 +40,7 @@ import numpy as np
 
 SYNTHRAD2023_WINDOW = (-1024.0, 3000.0)
 SYNTHRAD2025_WINDOW = (-1024.0, 3071.0)
+WINDOWS = {"synthrad2023": SYNTHRAD2023_WINDOW, "synthrad2025": SYNTHRAD2025_WINDOW}
 BONE_HU = 250.0  # reference >= this (inside the mask): bone
 AIR_HU = -400.0  # reference < this (inside the mask): air
 SSIM_WIN_SIZE = 7
@@ -55,6 +56,8 @@ __all__ = [
     "METRIC_KEYS",
     "SYNTHRAD2023_WINDOW",
     "SYNTHRAD2025_WINDOW",
+    "WINDOWS",
+    "check_window",
     "image_metrics",
     "mae",
     "ms_ssim",
@@ -68,12 +71,19 @@ __all__ = [
 # validation
 
 
-def check_window(window: tuple[float, float]) -> tuple[float, float]:
-    """`window` as two floats ``(lo, hi)``; ValueError unless both are finite and ``hi > lo``."""
+def check_window(window: tuple[float, float] | str) -> tuple[float, float]:
+    """`window` as two floats ``(lo, hi)``: a pair of numbers, or the name of a challenge's window
+    (:data:`WINDOWS`: ``synthrad2023``, ``synthrad2025``); ValueError unless finite with ``hi > lo``."""
+    if isinstance(window, str):
+        try:
+            return WINDOWS[window.lower()]
+        except KeyError:
+            raise ValueError(f"window must be two numbers (lo, hi) or one of {', '.join(WINDOWS)}, "
+                             f"got {window!r}") from None
     try:
         lo, hi = (float(v) for v in window)
     except (TypeError, ValueError):
-        raise ValueError(f"window must be two numbers (lo, hi), got {window!r}") from None
+        raise ValueError(f"window must be two numbers (lo, hi) or one of {', '.join(WINDOWS)}, got {window!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
         raise ValueError(f"window must be finite with hi > lo, got {window!r}")
     return lo, hi
@@ -187,7 +197,7 @@ def mae(pred: np.ndarray, ref: np.ndarray, mask: Optional[np.ndarray]) -> float:
 
 
 def psnr(pred: np.ndarray, ref: np.ndarray, mask: Optional[np.ndarray],
-         window: tuple[float, float] = SYNTHRAD2023_WINDOW) -> float:
+         window: tuple[float, float] | str = SYNTHRAD2023_WINDOW) -> float:
     """PSNR in dB over the mask voxels, both images clipped to `window`, data range ``hi - lo``.
 
     ``inf`` when the clipped images agree on every mask voxel.
@@ -198,7 +208,7 @@ def psnr(pred: np.ndarray, ref: np.ndarray, mask: Optional[np.ndarray],
 
 
 def ssim(pred: np.ndarray, ref: np.ndarray, mask: Optional[np.ndarray],
-         window: tuple[float, float] = SYNTHRAD2023_WINDOW) -> float:
+         window: tuple[float, float] | str = SYNTHRAD2023_WINDOW) -> float:
     """Masked SSIM as SynthRAD2023 computes it (see the module docstring).
 
     Both clipped to `window`, set to ``lo`` outside the mask and shifted by ``-lo``; scikit-image
@@ -219,7 +229,7 @@ def region_mae(pred: np.ndarray, ref: np.ndarray, mask: Optional[np.ndarray]) ->
 
 
 def image_metrics(pred: np.ndarray, ref: np.ndarray, mask: Optional[np.ndarray],
-                  window: tuple[float, float] = SYNTHRAD2023_WINDOW) -> dict[str, float]:
+                  window: tuple[float, float] | str = SYNTHRAD2023_WINDOW) -> dict[str, float]:
     """All metrics of one prediction: ``mae``, ``psnr``, ``ssim``, ``mae_bone``, ``mae_air``, ``mae_soft``.
 
     `pred` and `ref` in HU, 2D (at least 7x7) or 3D arrays of one shape; `mask` > 0 marks the voxels
@@ -256,7 +266,7 @@ def _ms_ssim_components(x: np.ndarray, y: np.ndarray, data_range: float, weight:
 
 
 def ms_ssim(pred: np.ndarray, ref: np.ndarray, mask: Optional[np.ndarray],
-            window: tuple[float, float] = SYNTHRAD2025_WINDOW) -> float:
+            window: tuple[float, float] | str = SYNTHRAD2025_WINDOW) -> float:
     """Masked MS-SSIM of 3D volumes as SynthRAD2025's official evaluation computes it.
 
     Both clipped to `window` (default -1024..3071 HU, data range 4095), set to ``lo`` outside the

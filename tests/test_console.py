@@ -90,7 +90,7 @@ def test_every_command_ends_with_one_summary_line_and_quiet_shows_only_it(tmp_pa
     lines, err = cli(capsys, "evaluate", "--pred", str(tmp_path / "scts"), "--ref", str(data), "--out", str(report))
     assert len(lines) > 3 and lines[0].startswith("SynthRAD metrics")  # the table, then the summary line
     summary = rf"medcycle evaluate: 2 case\(s\), mean MAE \d+\.\d HU, PSNR \d+\.\d\d dB, SSIM -?\d\.\d{{4}} inside the " \
-              rf"body mask -> {report} \(metrics.csv, summary.json, 2 figure\(s\)\) in {SECONDS}"
+              rf"body mask -> {report} \(report.md, metrics.csv, summary.json, 2 figure\(s\)\) in {SECONDS}"
     assert re.fullmatch(summary, lines[-1]), lines
     lines, err = cli(capsys, "evaluate", "--pred", str(tmp_path / "scts"), "--ref", str(data), "--out", str(report), "-q")
     assert len(lines) == 1 and re.fullmatch(summary, lines[0]) and err == ""

@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medcycle import dose
 from medcycle.jobs.demo import TEST_CASES, TRAIN_CASES, format_mean, training_minutes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_training_gets_what_the_other_steps_leave():
     assert training_minutes(15.0, 0.5) == 13.25  # 1.25 min kept for conversion and evaluation
     assert training_minutes(3.0, 2.9) == 1.0  # never under a third of the budget
+    assert training_minutes(15.0, 0.5, reserve=2.75) == 11.75  # with the dose plans
 
 
 def test_report_values_missing_from_the_summary_print_as_na():
@@ -39,9 +41,14 @@ def test_demo_runs_the_whole_job_from_the_cli(tmp_path):
     result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, encoding="utf-8", errors="replace",
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "[5/5]" in result.stdout
+    assert "[5/5]" in result.stdout and "MS-SSIM" in result.stdout
     summary = [line for line in result.stdout.splitlines() if line.startswith("medcycle demo: ")]
     assert len(summary) == 1 and summary[0].startswith("medcycle demo: held-out MAE ") and f"-> {out} in " in summary[0]
+    if dose.available():
+        assert "dose, photon / proton" in result.stdout
+    else:  # the report says that it skipped them, and why
+        assert 'dose figures skipped: the dose extra is missing: ' in result.stdout
+        assert 'pip install "medcycle[dose]"' in (out / "report" / "report.md").read_text()
 
     test_cases = sorted(p.name for p in (out / "data" / "test").iterdir())
     assert len(test_cases) == TEST_CASES

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from helpers import tiny_head
 from medcycle import dose
 
 HAS_PYMEDPHYS = importlib.util.find_spec("pymedphys") is not None
@@ -20,24 +21,6 @@ needs_gamma = pytest.mark.skipif(not HAS_PYMEDPHYS, reason="pymedphys not instal
 needs_engine = pytest.mark.skipif(not HAS_ENGINE, reason=f"dose extra not installed: {dose.unavailable_reason()}")
 
 SPACING = (3.0, 3.0, 3.0)
-
-
-def tiny_head(shape=(52, 56, 22), spacing=SPACING, skull_mm=6.0) -> np.ndarray:
-    """An ellipsoidal head in HU: skin-to-skull soft tissue (40 HU), a skull shell (1200 HU) of
-    `skull_mm`, brain (30 HU) and a frontal sinus of air; outside -1000 HU. (X, Y, Z) arrays."""
-    idx = np.indices(shape, dtype=np.float64)
-    centre = [(n - 1) / 2 for n in shape]
-    mm = [(i - c) * s for i, c, s in zip(idx, centre, spacing)]
-    radii = (70.0, 78.0, 80.0)
-    r = np.sqrt(sum((x / a) ** 2 for x, a in zip(mm, radii)))
-    scale = min(radii)
-    hu = np.full(shape, -1000.0, dtype=np.float32)
-    hu[r <= 1.0] = 40.0
-    hu[r <= 1.0 - 3.0 / scale] = 1200.0
-    hu[r <= 1.0 - (3.0 + skull_mm) / scale] = 30.0
-    sinus = ((mm[0] / 12) ** 2 + ((mm[1] - 55) / 8) ** 2 + ((mm[2] - 10) / 10) ** 2) <= 1
-    hu[sinus] = -1000.0
-    return hu
 
 
 # --------------------------------------------------------------------------------------------------

@@ -162,6 +162,10 @@ def test_synthrad2025_window():
     expected = 10 * math.log10(4095.0**2 / 21.0**2)
     assert psnr(pred, ref, mask, window=metrics.SYNTHRAD2025_WINDOW) == pytest.approx(expected, abs=1e-9)
     assert psnr(pred, ref, mask, window=(-1024, 3071)) == pytest.approx(expected, abs=1e-9)
+    assert psnr(pred, ref, mask, window="SynthRAD2025") == pytest.approx(expected, abs=1e-9)  # by name
+    assert psnr(pred, ref, mask, window="synthrad2023") == math.inf
+    with pytest.raises(ValueError, match="synthrad2023, synthrad2025"):
+        psnr(pred, ref, mask, window="synthrad2030")
     p, r = _pair((10, 10, 9))
     m = _ball(r.shape)
     assert ssim(p, r, m, window=(-1024.0, 3071.0)) == pytest.approx(_direct_ssim(p, r, m, -1024.0, 3071.0), abs=2e-5)

@@ -2,6 +2,8 @@
 
 phantom cases -> preprocess (training and validation cases only) -> train ``configs/demo_cpu.yaml``
 within a wall-clock budget -> convert the held-out MRIs -> evaluate against their CT -> report.
+With the dose extra installed the evaluation includes a photon and a proton plan per held-out case on
+a coarse dose grid (:data:`DOSE_GRID_MM`), and training leaves them :data:`DOSE_RESERVE_MIN`.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ DEFAULT_CONFIG = "demo_cpu"  # built-in: medcycle/configs/demo_cpu.yaml
 TRAIN_CASES = 16  # the last `data.val_cases` of these validate; the rest train
 TEST_CASES = 3  # held out: never preprocessed, never seen in training or model selection
 FINISH_RESERVE_MIN = 1.25  # converting and evaluating the held-out cases: ~15 s on 2 CPU cores at 2 mm, 40-60 s at 1 mm
+DOSE_GRID_MM = 5.0  # coarse: the demo's photon and proton plans stay quick (docs/results/dose.md)
+DOSE_RESERVE_MIN = 2.0  # those plans for the 3 held-out cases: about 2 min of CPU (docs/results/dose.md)
 
 
 def _split_cases(phantom_dir: Path, train_dir: Path, test_dir: Path) -> None:
@@ -31,10 +35,10 @@ def _split_cases(phantom_dir: Path, train_dir: Path, test_dir: Path) -> None:
     phantom_dir.rmdir()
 
 
-def training_minutes(budget: float, spent: float) -> float:
+def training_minutes(budget: float, spent: float, reserve: float = FINISH_RESERVE_MIN) -> float:
     """Training minutes of a demo with a total `budget` after `spent` minutes of data preparation:
-    what is left less the time the conversion and evaluation need, never under a third of the budget."""
-    return round(max(budget / 3, budget - spent - FINISH_RESERVE_MIN), 2)
+    what is left less the `reserve` the conversion and evaluation need, never under a third of the budget."""
+    return round(max(budget / 3, budget - spent - reserve), 2)
 
 
 def format_mean(summary: dict, key: str, fmt: str) -> str:
@@ -51,6 +55,7 @@ def run(out: str | Path = "medcycle_demo", minutes: float = 15.0, config: Option
     no progress bars and no step lines, only the summary line at the end.
     """
     started = time.perf_counter()  # before the imports: loading torch and MONAI takes ~5 s of the budget
+    import medcycle.dose
     import medcycle.jobs.convert
     import medcycle.jobs.evaluate
     import medcycle.jobs.phantom
@@ -78,7 +83,9 @@ def run(out: str | Path = "medcycle_demo", minutes: float = 15.0, config: Option
         medcycle.jobs.preprocess.run(out=out / "cache", data=train_dir, config=config, overrides=overrides, workers=2,
                                      quiet=quiet)
 
-    train_minutes = training_minutes(minutes, (time.perf_counter() - started) / 60)
+    with_dose = medcycle.dose.available()
+    reserve = FINISH_RESERVE_MIN + (DOSE_RESERVE_MIN if with_dose else 0.0)
+    train_minutes = training_minutes(minutes, (time.perf_counter() - started) / 60, reserve)
     note(f"[3/5] train: {config.name} for {train_minutes:g} min -> {out / 'run'}", quiet)
     train_overrides = [*overrides, f"train.max_minutes={train_minutes}", f"train.seed={seed}"]
     resume = (out / "run" / "last.pt").is_file()
@@ -91,9 +98,11 @@ def run(out: str | Path = "medcycle_demo", minutes: float = 15.0, config: Option
         medcycle.jobs.convert.run(input=test_dir, output=out / "sct", model=out / "run", overwrite=True, device=device,
                                   quiet=quiet)
 
-    note(f"[5/5] evaluate against the real CT -> {out / 'report'}", quiet)
+    note(f"[5/5] evaluate against the real CT{' with photon and proton plans' if with_dose else ''} -> {out / 'report'}",
+         quiet)
     with _step_lines(quiet):
-        medcycle.jobs.evaluate.run(pred=out / "sct", ref=test_dir, out=out / "report", quiet=quiet)
+        medcycle.jobs.evaluate.run(pred=out / "sct", ref=test_dir, out=out / "report", dose="both" if with_dose else None,
+                                   dose_grid_mm=DOSE_GRID_MM, quiet=quiet)
     result = json.loads((out / "report" / "summary.json").read_text())
 
     def mean(key: str, fmt: str) -> str:
@@ -102,7 +111,15 @@ def run(out: str | Path = "medcycle_demo", minutes: float = 15.0, config: Option
     summary("demo", f"held-out MAE {mean('mae', '.1f')} HU (bone {mean('mae_bone', '.1f')}, air {mean('mae_air', '.1f')}), "
                     f"PSNR {mean('psnr', '.2f')} dB, SSIM {mean('ssim', '.3f')} on {TEST_CASES} cases -> {out} "
                     f"in {seconds(time.perf_counter() - started)}")
-    note(f"  synthetic CTs: {out / 'sct'}\n  figures and metrics: {out / 'report'}\n"
+    if with_dose:
+        dose_line = (f"  dose, photon / proton plan on the CT recomputed on the sCT: dose error {mean('photon_dose_error', '.2f')}"
+                     f" / {mean('proton_dose_error', '.2f')} %, gamma 2%/2mm {mean('photon_gamma_pass', '.1f')} / "
+                     f"{mean('proton_gamma_pass', '.1f')} %")
+    else:
+        dose_line = f"  dose figures skipped: {result['dose']['skipped']}"
+    note(f"  MS-SSIM {mean('ms_ssim', '.3f')}; bone Dice {mean('dice_bone', '.3f')}, HD95 {mean('hd95_bone', '.1f')} mm; "
+         f"air cavities Dice {mean('dice_air', '.3f')}, HD95 {mean('hd95_air', '.1f')} mm\n{dose_line}\n"
+         f"  synthetic CTs: {out / 'sct'}\n  report (tables and figures): {out / 'report' / 'report.md'}\n"
          f"  run (checkpoints, losses.csv, tensorboard, images): {out / 'run'}", quiet)
     return result
 
