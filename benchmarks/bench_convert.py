@@ -176,8 +176,10 @@ def fit_generator(source: Path, target: Path, mr: np.ndarray, seconds: float, se
 # the naive loop (the seed tutorial's way)
 
 
-def naive_synthesize(generator, mr_norm, tile, k, mask=None, tta="none", runtime=None):
+def naive_synthesize(generator, mr_norm, tile, k, mask=None, tta="none", runtime=None, keep_mirrorings=False):
     """One axial slice at a time, fp32, batch 1, contiguous NCHW; same windows and blending."""
+    if keep_mirrorings:
+        raise ValueError("the naive loop times single-model conversion only")
     import torch
     from monai.inferers import sliding_window_inference
 

@@ -275,13 +275,11 @@ def _read_json(path: Path) -> Any:
         raise InputError(f"{path}: not readable JSON ({exc})") from None
 
 
-def onnx_available() -> Optional[str]:
-    """None when the ``onnx`` package (needed to write ``model.onnx``) imports, else why not."""
-    try:
-        import onnx  # noqa: F401
-    except ImportError as exc:
-        return str(exc)
-    return None
+def onnx_available() -> bool:
+    """Whether the ``onnx`` package, needed to write ``model.onnx``, is installed."""
+    import importlib.util
+
+    return importlib.util.find_spec("onnx") is not None
 
 
 __all__ = ["FORMAT", "INFERENCE", "METADATA", "ONNX", "WEIGHTS", "is_model_folder", "load_model_folder",

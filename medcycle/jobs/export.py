@@ -29,7 +29,7 @@ def run(run: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False,
     source, out = Path(run), Path(out)
     if checkpoint not in ("best", "last"):
         raise UsageError(f"--checkpoint must be best or last, got {checkpoint!r}")
-    if onnx and onnx_available() is not None:
+    if onnx and not onnx_available():
         raise UsageError("writing models/model.onnx needs the onnx package (pip install onnx); or pass --no-onnx")
     if is_model_folder(source):
         raise UsageError(f"{source}: is already an exported model folder; export takes a run folder or checkpoint")
