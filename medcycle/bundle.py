@@ -214,9 +214,10 @@ def _readme(config: Config, onnx: bool) -> str:
             "",
             f"1. reorient the MRI to {data.orientation}, resample in-plane to {data.spacing[0]:g} x {data.spacing[1]:g} mm "
             "(slices kept);",
-            f"2. map the body's {data.mr_percentiles[0]:g}th..{data.mr_percentiles[1]:g}th MR percentiles linearly onto "
-            "[-1, 1] (clipped), background -1;",
-            f"3. run {data.tile_size} x {data.tile_size} windows over each axial slice (gaussian-blended, 25 % overlap);",
+            f"2. map the MR linearly from its {data.mr_percentiles[0]:g}th..{data.mr_percentiles[1]:g}th percentiles "
+            "inside the body mask onto [-1, 1], clipped;",
+            f"3. run {data.tile_size} x {data.tile_size} windows over each axial slice's body region (gaussian-blended, "
+            "25 % overlap; medcycle also averages the four in-plane mirrorings);",
             f"4. decode to HU: [-1, 1] onto the window {data.ct_window[0]:g}..{data.ct_window[1]:g} HU piecewise "
             f"linearly through the knots {knots}; resample back onto the input grid.",
             "",

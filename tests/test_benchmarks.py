@@ -124,3 +124,11 @@ def test_bench_quality_validation_cases_are_the_caches_val_split_and_the_table_s
            "mae": 143.4, "mae_bone": 386.0, "mae_air": None, "psnr": 23.5, "ssim": 0.786}
     cells = table_rows(bench_quality.markdown([row]), "demo")[0]
     assert cells[2:6] == ["10", "181", "152", "143"] and cells[7] == "-"
+
+
+def test_bench_export_quick_gives_the_run_s_sct_and_an_onnx_sct_within_1_hu():
+    out = run_script("bench_export.py", "--quick")
+    cells = {row[0]: row[1] for row in table_rows(out, "") if len(row) == 3}
+    assert cells["sCT from the model folder == sCT from the run"] == "identical", out
+    assert float(cells["model folder size (weights + ONNX + configs)"].split()[0]) <= 10.0
+    assert float(cells["ONNX sCT against medcycle's, body MAE"].split()[0]) <= 1.0
