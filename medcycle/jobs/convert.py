@@ -257,6 +257,8 @@ def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
                 record["rtstruct"] = str(files[-1])
     except BaseException:
         job.output.unlink(missing_ok=True)
+        if "uncertainty" in record:
+            job.uncertainty.unlink(missing_ok=True)
         raise
     record.update(status="converted", seconds=round(time.perf_counter() - started, 3), shape=list(input_shape),
                   mask="none" if settings.no_mask else ("given" if job.mask is not None else "computed"))
