@@ -76,6 +76,7 @@ def main() -> None:
         export_seconds = time.perf_counter() - started
         folder_bytes = sum(p.stat().st_size for p in (tmp / "model").rglob("*") if p.is_file())
         checkpoint = medcycle.checkpoint.resolve_checkpoint(run)
+        checkpoint_bytes = checkpoint.stat().st_size
 
         convert(mr, tmp / "from_run.nii.gz", run)
         convert(mr, tmp / "from_model.nii.gz", tmp / "model")
@@ -96,7 +97,7 @@ def main() -> None:
         mae = float(np.abs(sct["onnx"] - sct["model"])[body].mean())
         worst = float(np.abs(sct["onnx"] - sct["model"]).max())
 
-    print(f"\nmedcycle export of {run} ({checkpoint.name}: {checkpoint.stat().st_size / 1e6:.1f} MB), MRI {mr}")
+    print(f"\nmedcycle export of {run} ({checkpoint.name}: {checkpoint_bytes / 1e6:.1f} MB), MRI {mr}")
     print("| figure | value | target |")
     print("|---|---|---|")
     print(f"| model folder size (weights + ONNX + configs) | {folder_bytes / 1e6:.2f} MB | <= 10 MB |")
