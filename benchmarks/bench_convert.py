@@ -32,6 +32,11 @@ scaled too, which understates the speed-up). Finally the peak RSS of converting 
 512 x 512 x 300 volume is measured in a subprocess with the 256-px model; its body fills only
 ``--band`` slices, so only those windows run: the full-size arrays (which set the peak) are all
 exercised without spending an hour of CPU on inference.
+
+Ensembles: the demo model converts the (partial) volume as users run it by default (``tta="mirror"``),
+once alone and once as an ensemble of three (two more random generators) with ``uncertainty`` (the
+standard deviation over members and mirrorings); the table gives the cost of the ensemble against
+one model, each measured once.
 """
 from __future__ import annotations
 
@@ -176,8 +181,10 @@ def fit_generator(source: Path, target: Path, mr: np.ndarray, seconds: float, se
 # the naive loop (the seed tutorial's way)
 
 
-def naive_synthesize(generator, mr_norm, tile, k, mask=None, tta="none", runtime=None):
+def naive_synthesize(generator, mr_norm, tile, k, mask=None, tta="none", runtime=None, keep_mirrorings=False):
     """One axial slice at a time, fp32, batch 1, contiguous NCHW; same windows and blending."""
+    if keep_mirrorings:
+        raise ValueError("the naive loop times single-model conversion only")
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -224,16 +231,20 @@ def child(args: argparse.Namespace) -> None:
         inferers.synthesize = naive_synthesize
     elif args.child == "fp32":
         inferers.synthesize = amp_off(inferers.synthesize)
+    ensemble = args.child in ("one", "ensemble")  # as users run it: mirroring on
+    uncertainty = str(Path(args.output).with_name("sd.nii.gz")) if args.child == "ensemble" else None
     started = time.perf_counter()
-    convert.run(args.input, args.output, args.model, overwrite=True, batch_size=args.batch_size, device="cpu", tta="none")
+    convert.run(args.input, args.output, args.model, overwrite=True, batch_size=args.batch_size, device="cpu",
+                tta="mirror" if ensemble else "none", uncertainty=uncertainty)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
     print(json.dumps({"seconds": seconds, "peak_rss": peak}))
 
 
-def run_child(mode: str, model: Path, volume: Path, output: Path, threads: int, batch_size: int) -> dict:
-    command = [sys.executable, __file__, "--child", mode, "--model", str(model), "--input", str(volume),
-               "--output", str(output), "--threads", str(threads), "--batch-size", str(batch_size)]
+def run_child(mode: str, model: Path | list[Path], volume: Path, output: Path, threads: int, batch_size: int) -> dict:
+    models = model if isinstance(model, list) else [model]
+    command = [sys.executable, __file__, "--child", mode, *(a for m in models for a in ("--model", str(m))),
+               "--input", str(volume), "--output", str(output), "--threads", str(threads), "--batch-size", str(batch_size)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -284,8 +295,8 @@ def main() -> None:
     parser.add_argument("--fit-seconds", type=float, default=60.0,
                         help="also fit the demo generator this long and report its bf16-vs-fp32 MAE (0: skip)")
     parser.add_argument("--skip-large", action="store_true", help="skip the 512 x 512 x 300 memory measurement")
-    parser.add_argument("--child", choices=("fast", "naive", "fp32"), help=argparse.SUPPRESS)
-    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("fast", "naive", "fp32", "one", "ensemble"), help=argparse.SUPPRESS)
+    parser.add_argument("--model", action="append", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -343,6 +354,12 @@ def main() -> None:
             fitted_row = (steps, slices, *measure(fitted, part_path, body_part, 1))
             print(f"  measured fitted demo model ({steps} steps): MAE {fitted_row[-1][0]:.2f} HU in the body against fp32", flush=True)
 
+        members = [models[1][1], *(make_checkpoint(tmp / f"demo_{seed}.pt", demo_data, demo_model, amp=demo_amp, seed=seed)
+                                    for seed in (1, 2))]
+        one = run_child("one", members[0], part_path, tmp / "one.nii.gz", args.threads, args.batch_size)
+        three = run_child("ensemble", members, part_path, tmp / "ensemble.nii.gz", args.threads, args.batch_size)
+        print(f"  measured ensemble: one model {one['seconds']:.1f}s, 3 + uncertainty {three['seconds']:.1f}s", flush=True)
+
         large_row = None
         if not args.skip_large:
             band = (large[2] // 2 - args.band // 2, large[2] // 2 + args.band // 2)
@@ -370,6 +387,12 @@ def main() -> None:
         print(f"| {label} | {slices_note} | {naive['seconds'] * scale:.1f} | {fast['seconds'] * scale:.1f} | "
               f"{fast['speedup']:.2f}x | {fp32['seconds'] * scale:.1f} | {naive['peak_rss'] / GiB:.2f} GiB | "
               f"{fast['peak_rss'] / GiB:.2f} GiB | {maes[0]:.2f} | {maes[1]:.2f} | {maes[2]:.2f} |")
+    print(f"\nensemble: demo model, {size[0]}x{size[1]}x{slices} MRI, tta mirror, end to end, {args.threads} CPU threads")
+    print("| models | seconds | cost against one model | peak RSS |")
+    print("|---|---|---|---|")
+    for label, record in (("one model", one), ("ensemble of 3 + uncertainty", three)):
+        print(f"| {label} | {record['seconds']:.1f} | {record['seconds'] / one['seconds']:.2f}x | "
+              f"{record['peak_rss'] / GiB:.2f} GiB |")
     if large_row:
         print(f"\n{'x'.join(map(str, large))} volume, 256-px model, fast path: peak RSS {large_row['peak_rss'] / GiB:.2f} GiB "
               f"(target < 4 GiB), {large_row['seconds']:.1f}s with body in {args.band} slices")

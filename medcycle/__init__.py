@@ -8,6 +8,7 @@ The public API, one function per job (each also a ``medcycle`` sub-command)::
     medcycle.train(config="configs/demo_cpu.yaml", data="cache", out="run")
     medcycle.convert("data/phantom_007/mr.nii.gz", "sct.nii.gz", model="run")
     sct = medcycle.convert_array(mr_array, affine=affine, model="run")  # in memory: a MetaTensor, same grid
+    medcycle.export("run", out="model")                      # a model folder to hand over
     medcycle.evaluate(pred="sct.nii.gz", ref="data/phantom_007/ct.nii.gz", mask="data/phantom_007/mask.nii.gz")
 
 Volumes: :func:`medcycle.io.load_volume` / :func:`medcycle.io.save_nifti` keep the exact geometry.
@@ -31,6 +32,7 @@ _JOBS = {
     "convert": "medcycle.jobs.convert",
     "evaluate": "medcycle.jobs.evaluate",
     "demo": "medcycle.jobs.demo",
+    "export": "medcycle.jobs.export",
 }
 
 

@@ -17,7 +17,9 @@ EXAMPLES = {
     "  medcycle train --config configs/demo_cpu.yaml --data cache --out run --resume\n"
     "  torchrun --nproc_per_node=2 -m medcycle train --config configs/demo_cpu.yaml --data cache --out run",
     "convert": "medcycle convert -i mr.nii.gz -o sct.nii.gz --model run\n"
-    "  medcycle convert -i patients/ -o sct/ --model run/best.pt --dicom-out sct_dicom/",
+    "  medcycle convert -i patients/ -o sct/ --model run/best.pt --dicom-out sct_dicom/\n"
+    "  medcycle convert -i mr.nii.gz -o sct.nii.gz -m model_a -m model_b -m model_c --uncertainty sd.nii.gz",
+    "export": "medcycle export run --out model          # model/: configs/, models/model.safetensors, model.onnx",
     "evaluate": "medcycle evaluate --pred sct.nii.gz --ref ct.nii.gz --mask mask.nii.gz --out report\n"
     "  medcycle evaluate --pred sct/ --ref data/ --out report --window synthrad2025 --dose both",
     "demo": "medcycle demo                  # phantom -> preprocess -> train 15 min -> convert -> evaluate\n"
@@ -96,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "convert", "convert an MRI volume (or a folder of them) to a synthetic CT in HU")
     p.add_argument("-i", "--input", required=True, metavar="INPUT", help="NIfTI/MHA/NRRD file, DICOM-series folder, or a folder of cases")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="output .nii.gz (or folder in folder mode)")
-    p.add_argument("-m", "--model", required=True, metavar="RUN_OR_CHECKPOINT", help="run folder (uses best.pt, else last.pt) or a .pt file")
+    p.add_argument("-m", "--model", required=True, action="append", metavar="MODEL",
+                   help="exported model folder ('medcycle export'), run folder (uses best.pt, else last.pt) or a .pt "
+                        "file; repeat for an ensemble (the mean of the members' sCTs in HU)")
+    p.add_argument("--uncertainty", metavar="FILE", help="also write the voxel-wise standard deviation in HU over the "
+                   "--model members and test-time mirrorings (float32 .nii.gz on the sCT's grid; one input)")
     p.add_argument("--mask", metavar="MASK", help="body mask; computed from the MR when omitted")
     p.add_argument("--no-mask", action="store_true", help="keep the model's values outside the body (default: -1000 HU)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices per forward pass (default 8)")
@@ -110,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=("mirror", "none"), default="mirror",
                    help="test-time augmentation: 'mirror' (default) averages the four in-plane mirrorings of each "
                         "slice (less invented texture; 4x the compute), 'none' runs each slice once")
+
+    p = _add(sub, "export", "write a run's generator as a model folder to hand over (MONAI bundle layout, ONNX)")
+    p.add_argument("run", metavar="RUN", help="run folder (uses best.pt, else last.pt) or a checkpoint file")
+    p.add_argument("--out", required=True, metavar="MODEL", help="model folder to write (written whole, then renamed)")
+    p.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                   help="which checkpoint of a run folder (default best, else last)")
+    p.add_argument("--no-onnx", action="store_true", help="skip models/model.onnx (which needs the onnx package)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
 
     p = _add(sub, "evaluate", "SynthRAD metrics (MAE/PSNR/SSIM/MS-SSIM in HU, bone and air Dice/HD95 inside the body), "
              "optional dose metrics, and figures")
@@ -155,7 +169,11 @@ def _job(args: argparse.Namespace) -> Callable[[], object]:
         return lambda: medcycle.convert(input=args.input, output=args.output, model=args.model, mask=args.mask,
                                         no_mask=args.no_mask, batch_size=args.batch_size, device=args.device,
                                         overwrite=args.overwrite, dicom_out=args.dicom_out, tta=args.tta,
-                                        dicom_ref=args.dicom_ref, rtstruct=args.rtstruct, quiet=args.quiet)
+                                        dicom_ref=args.dicom_ref, rtstruct=args.rtstruct, uncertainty=args.uncertainty,
+                                        quiet=args.quiet)
+    if args.command == "export":
+        return lambda: medcycle.export(run=args.run, out=args.out, overwrite=args.overwrite, checkpoint=args.checkpoint,
+                                       onnx=not args.no_onnx, quiet=args.quiet)
     if args.command == "evaluate":
         window = args.window[0] if len(args.window) == 1 else tuple(args.window)
         return lambda: medcycle.evaluate(pred=args.pred, ref=args.ref, mask=args.mask, out=args.out, mr=args.mr,

@@ -43,6 +43,13 @@ def test_bench_convert_quick_times_both_models_and_compares_with_fp32():
             assert 0 < mae_fp32_body < 100  # bf16 against fp32 of the same windows: rounding, not another image
         else:
             assert mae_fp32_body == 0  # without native bf16 the fast path computes in fp32: the same image
+    ensemble = table_rows(out, "one model") + table_rows(out, "ensemble of 3 + uncertainty")
+    assert len(ensemble) == 2, out
+    (one, one_cost), (three, cost) = [(float(row[1]), float(row[2].rstrip("x"))) for row in ensemble]
+    assert one_cost == 1.0
+    half = 0.05  # the table rounds times to 0.1 s
+    assert (three - half) / (one + half) - 0.01 <= cost <= (three + half) / max(one - half, 1e-9) + 0.01
+    assert cost > 1.2  # three generators and the spread cost more than one, whatever the machine's noise
 
 
 def test_bench_train_quick_times_every_variant_against_the_reference():
@@ -117,3 +124,11 @@ def test_bench_quality_validation_cases_are_the_caches_val_split_and_the_table_s
            "mae": 143.4, "mae_bone": 386.0, "mae_air": None, "psnr": 23.5, "ssim": 0.786}
     cells = table_rows(bench_quality.markdown([row]), "demo")[0]
     assert cells[2:6] == ["10", "181", "152", "143"] and cells[7] == "-"
+
+
+def test_bench_export_quick_gives_the_run_s_sct_and_an_onnx_sct_within_1_hu():
+    out = run_script("bench_export.py", "--quick")
+    cells = {row[0]: row[1] for row in table_rows(out, "") if len(row) == 3}
+    assert cells["sCT from the model folder == sCT from the run"] == "identical", out
+    assert float(cells["model folder size (weights + ONNX + configs)"].split()[0]) <= 10.0
+    assert float(cells["ONNX sCT against medcycle's, body MAE"].split()[0]) <= 1.0

@@ -33,7 +33,7 @@ def test_wheel_installs_medcycle_alone_with_its_jobs_and_configs(wheel):
     names = wheel.namelist()
     top = {name.split("/")[0] for name in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"medcycle"}  # no generic 'pipelines', no tests
-    for job in ("phantom", "preprocess", "train", "convert", "evaluate", "demo"):
+    for job in ("phantom", "preprocess", "train", "convert", "export", "evaluate", "demo"):
         assert f"medcycle/jobs/{job}.py" in names
     shipped = {Path(n).name for n in names if n.startswith("medcycle/configs/")}
     assert shipped == {p.name for p in BUILTIN_CONFIGS.glob("*.yaml")} and "demo_cpu.yaml" in shipped

@@ -25,6 +25,7 @@ from medcycle.data.cache import load_manifest
 from medcycle.data.dataset import validation_tiles
 from medcycle.engine.trainer import CycleGANTrainer, active_losses
 from medcycle.errors import InputError, UsageError
+from medcycle.files import file_checksum
 from helpers import make_cache
 
 #: seconds after which a waiting test gives up: only a hang takes that long, but on a shared 2-core machine
@@ -71,7 +72,8 @@ def test_cli_run_writes_checkpoints_logs_images_and_tracks_the_best_model(cache,
     from medcycle.data.dataset import cases_fingerprint
 
     assert state["preprocessing"] == {"data_config": manifest["data_config"], "data_config_hash": manifest["data_config_hash"],
-                                      "cases_hash": cases_fingerprint(cache, manifest)}
+                                      "cases_hash": cases_fingerprint(cache, manifest),
+                                      "manifest_sha256": file_checksum(cache / "manifest.json")}  # exports' provenance
     assert set(state["nets"]) == {"G_mr2ct", "G_ct2mr", "D_ct", "D_mr"}
     assert set(state["optimizers"]) == set(state["schedulers"]) == {"G", "D"}
     assert set(state["pools"]) == {"ct", "mr"} and state["pools"]["ct"]["images"].shape[0] == 3

@@ -37,7 +37,7 @@ import torch
 from medcycle import console
 from medcycle.checkpoint import load_checkpoint, save_checkpoint
 from medcycle.config import Config, save_config
-from medcycle.data.cache import load_manifest
+from medcycle.data.cache import MANIFEST, load_manifest
 from medcycle.data.dataset import (
     EpochSampler,
     TileDataset,
@@ -53,6 +53,7 @@ from medcycle.engine.distributed import DistContext
 from medcycle.engine.logger import RunLogger
 from medcycle.engine.trainer import CycleGANTrainer, seed_everything, set_rng_state
 from medcycle.errors import InputError, MedcycleError, UsageError
+from medcycle.files import file_checksum
 
 LAST, BEST, CONFIG = "last.pt", "best.pt", "config.yaml"
 #: config keys that may change when a run is resumed (they change neither the model nor the data)
@@ -239,7 +240,8 @@ class _Session:
         self.val_tiles = validation_tiles(cache_dir, self.manifest, train.val_max_tiles) if ctx.is_main else None
         self.preview = preview_tiles(cache_dir, self.manifest, PREVIEW_TILES) if ctx.is_main else None
         self.preprocessing = {"data_config": self.manifest["data_config"], "data_config_hash": self.manifest["data_config_hash"],
-                              "cases_hash": cases_fingerprint(cache_dir, self.manifest)}
+                              "cases_hash": cases_fingerprint(cache_dir, self.manifest),
+                              "manifest_sha256": file_checksum(Path(cache_dir) / MANIFEST)}  # provenance of exports
         if ctx.is_main:
             self._prepare_run_dir()
         self.budget = train.max_minutes * 60.0 if train.max_minutes else None

@@ -17,6 +17,7 @@ volume already on the model grid (oriented, resampled in-plane, normalised to [-
 * ``tta="mirror"`` averages the outputs of the four in-plane mirrorings of each window (none,
   left-right, front-back, both), the mirroring test-time augmentation of nnU-Net: the CycleGAN invents
   texture that differs between mirrorings and the average cancels part of it, at four times the compute;
+* with ``keep_mirrorings`` each mirroring's own output comes back too (for an uncertainty map);
 * the volume is processed in chunks of axial slices, so memory stays bounded for large volumes
   (the result is identical: windows never span slices).
 
@@ -63,6 +64,7 @@ def synthesize(
     mask: Optional[torch.Tensor] = None,
     tta: str = "none",
     runtime: Optional[Runtime] = None,
+    keep_mirrorings: bool = False,
 ) -> torch.Tensor:
     """The generator's output for every axial slice of `mr_norm`, on the same grid.
 
@@ -74,9 +76,11 @@ def synthesize(
         mask: optional (1, X, Y, Z) body mask: only the body's region runs (output -1 elsewhere).
         tta: ``"none"`` or ``"mirror"`` (average over the four in-plane mirrorings of each window).
         runtime: device, AMP setting, batch size (default: the generator's device, fp32, 8 windows).
+        keep_mirrorings: also return the output of each mirroring (one for ``tta="none"``).
 
     Returns:
-        (1, X, Y, Z) float32 tensor on the CPU, values in [-1, 1].
+        (1, X, Y, Z) float32 tensor on the CPU, values in [-1, 1]; with `keep_mirrorings`
+        (1 + T, X, Y, Z): that output, then the output of each of the T mirrorings.
     """
     if mr_norm.ndim != 4 or mr_norm.shape[0] != 1:
         raise ValueError(f"mr_norm must be (1, X, Y, Z), got {tuple(mr_norm.shape)}")
@@ -94,20 +98,24 @@ def synthesize(
         pads = (0, 0, *region[2:], *region[:2])
         volume = torch.nn.functional.pad(volume, pads, value=-1.0)
         body = torch.nn.functional.pad(body, pads, value=0.0)
-    network = _window_network(runner, context_slices // 2, _MIRRORINGS if tta == "mirror" else _MIRRORINGS[:1])
-    output = _over_slices(network, runner, volume, body, tile_size, context_slices)
+    mirrorings = _MIRRORINGS if tta == "mirror" else _MIRRORINGS[:1]
+    network = _window_network(runner, context_slices // 2, mirrorings, keep_mirrorings)
+    channels = 1 + len(mirrorings) if keep_mirrorings else 1
+    output = _over_slices(network, runner, volume, body, tile_size, context_slices, channels)
     if region is not None:  # back onto the input's in-plane extent
         output = torch.nn.functional.pad(output, tuple(-p for p in pads), value=-1.0)
     return output.clamp_(-1.0, 1.0)
 
 
-def _window_network(runner: GeneratorRunner, centre: int, mirrorings: tuple[tuple[int, ...], ...]) -> Callable:
+def _window_network(runner: GeneratorRunner, centre: int, mirrorings: tuple[tuple[int, ...], ...],
+                    keep_mirrorings: bool = False) -> Callable:
     """The network SliceInferer calls: windows without body skipped, the centre channel of the mean
-    over `mirrorings` kept."""
+    over `mirrorings` kept (then, with `keep_mirrorings`, that of each mirroring)."""
+    channels = 1 + len(mirrorings) if keep_mirrorings else 1
 
     def network(window: torch.Tensor, condition: Optional[torch.Tensor] = None) -> torch.Tensor:
         # window: (B, k, tile, tile) from SliceInferer; condition: the matching mask windows.
-        out = torch.full((window.shape[0], 1, *window.shape[2:]), -1.0, dtype=torch.float32, device=window.device)
+        out = torch.full((window.shape[0], channels, *window.shape[2:]), -1.0, dtype=torch.float32, device=window.device)
         keep = None
         if condition is not None:
             keep = (condition > 0).flatten(1).any(1)
@@ -116,11 +124,13 @@ def _window_network(runner: GeneratorRunner, centre: int, mirrorings: tuple[tupl
             if bool(keep.all()):
                 keep = None
         batch = runner.put(window if keep is None else window[keep])
-        result = None
+        result, parts = None, []
         for dims in mirrorings:
             part = _flip(runner(_flip(batch, dims))[:, centre : centre + 1].float(), dims)
+            if keep_mirrorings:
+                parts.append(part.clone())
             result = part if result is None else result.add_(part)
-        result = result.div_(len(mirrorings)).to(out.device)
+        result = torch.cat([result.div_(len(mirrorings)), *parts], dim=1).to(out.device)
         if keep is None:
             return result.contiguous()
         out[keep] = result
@@ -130,8 +140,9 @@ def _window_network(runner: GeneratorRunner, centre: int, mirrorings: tuple[tupl
 
 
 def _over_slices(network: Callable, runner: GeneratorRunner, volume: torch.Tensor, body: Optional[torch.Tensor],
-                 tile_size: int, k: int) -> torch.Tensor:
-    """SliceInferer over the axial slices of (1, X, Y, Z) `volume`, chunk by chunk (bounded memory)."""
+                 tile_size: int, k: int, channels: int = 1) -> torch.Tensor:
+    """SliceInferer over the axial slices of (1, X, Y, Z) `volume`, chunk by chunk (bounded memory);
+    (`channels`, X, Y, Z) out."""
     _, x_size, y_size, z_size = volume.shape
     inferer = SliceInferer(
         spatial_dim=2,
@@ -147,7 +158,7 @@ def _over_slices(network: Callable, runner: GeneratorRunner, volume: torch.Tenso
     )
     padded = max(x_size, tile_size) * max(y_size, tile_size)
     chunk_slices = max(1, min(z_size, CHUNK_VOXELS // (padded * (k + 2))))
-    output = torch.empty((1, x_size, y_size, z_size), dtype=torch.float32)
+    output = torch.empty((channels, x_size, y_size, z_size), dtype=torch.float32)
     with torch.inference_mode():
         for z0 in range(0, z_size, chunk_slices):
             z1 = min(z_size, z0 + chunk_slices)

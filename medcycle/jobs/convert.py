@@ -17,6 +17,13 @@ One case:
    the input's. For DICOM/MHA/NRRD inputs the geometry is the one SimpleITK reads. With ``dicom_out``
    the sCT is also written as a CT DICOM series on the same geometry.
 
+A model is an exported model folder (``medcycle export``), a run folder or a checkpoint. Several
+models make an ensemble: each member converts the case as it would alone, and the sCT is the mean of
+the members' sCTs in HU. The members must share the preprocessing (:data:`PREPROCESSING_KEYS`); they
+run with the first model's precision setting. ``uncertainty`` (one input) writes the voxel-wise
+standard deviation in HU over every member and test-time mirroring (the population one: over all
+N = members x mirrorings outputs, divided by N) as float32 NIfTI on the sCT's grid, 0 outside the body.
+
 INPUT is a NIfTI/MHA/NRRD file, a DICOM-series folder, or a folder of cases (folder mode, layouts of
 :func:`medcycle.cases.mr_cases`):
 
@@ -46,7 +53,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +67,8 @@ from medcycle.files import (NIFTI_SUFFIXES, check_output_location, inside, outpu
 from medcycle.io import is_dicom_series
 
 AIR_HU = -1000  # the sCT outside the body mask
+#: The data config keys conversion applies: ensemble members must agree on every one.
+PREPROCESSING_KEYS = ("orientation", "spacing", "tile_size", "context_slices", "mr_percentiles", "ct_window", "ct_knots")
 
 
 @dataclass
@@ -70,6 +79,7 @@ class Conversion:
     output: Path
     dicom_out: Optional[Path] = None
     dicom_ref: Optional[Path] = None  # patient, study and frame of reference for dicom_out (default: a DICOM input)
+    uncertainty: Optional[Path] = None  # the standard deviation map (HU) over members and mirrorings
 
     @property
     def mr(self) -> Path:
@@ -82,9 +92,10 @@ class Conversion:
 
 @dataclass
 class Settings:
-    """How every case is converted: the generator, its config, and the user's options."""
+    """How every case is converted: the generators (one, or an ensemble's members), the first one's
+    config (the preprocessing, shared by all), and the user's options."""
 
-    generator: torch.nn.Module
+    generators: list[torch.nn.Module]
     config: Any
     device: torch.device
     batch_size: int = 8
@@ -100,6 +111,14 @@ class Settings:
 
 def _check_outputs(job: Conversion, input_root: Path) -> None:
     refuse_overwriting(job.output, [(job.mr, "input"), (job.mask, "mask")])
+    if job.uncertainty is not None:
+        if not job.uncertainty.name.lower().endswith(NIFTI_SUFFIXES):
+            raise UsageError(f"--uncertainty {job.uncertainty}: must be a NIfTI file name ending in .nii.gz or .nii")
+        refuse_overwriting(job.uncertainty, [(job.mr, "input"), (job.mask, "mask"), (job.output, "sCT output")])
+        if job.uncertainty.is_dir():
+            raise InputError(f"{job.uncertainty}: is a folder; give the uncertainty map a file name ending in .nii.gz")
+        if job.dicom_out is not None and inside(job.uncertainty, job.dicom_out):
+            raise UsageError(f"--uncertainty {job.uncertainty}: lies in the DICOM output folder; write it elsewhere")
     if job.mr.is_dir() and inside(job.output, job.mr):
         raise InputError(f"{job.output}: is inside the input DICOM folder {job.mr}; write it elsewhere")
     if job.output.exists() and job.output.is_dir():
@@ -187,17 +206,20 @@ def _round_int16(chunk: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(chunk), -32768, 32767).astype(np.int16)
 
 
-def synthesize_sct(images: dict[str, Any], settings: Settings) -> tuple[np.ndarray, Optional[np.ndarray], Any]:
+def synthesize_sct(images: dict[str, Any], settings: Settings,
+                   spread: bool = False) -> tuple[np.ndarray, Optional[np.ndarray], Any, Optional[np.ndarray]]:
     """The sCT of ``images["mr"]`` (with its optional ``"mask"``), read images of :mod:`medcycle.image`.
 
-    Returns ``(hu, body, like)``: the sCT in int16 HU on the MR's own grid, -1000 outside the body
-    (unless ``no_mask``); the body mask on that grid (None with ``no_mask``); and an image that knows
-    that grid (what :func:`medcycle.io.save_nifti` writes on). Empties `images`: from the model grid on
-    the images carry the input's geometry, and the originals are not held through the synthesis.
+    Returns ``(hu, body, like, sd)``: the sCT in int16 HU on the MR's own grid (the mean of the
+    ensemble's members), -1000 outside the body (unless ``no_mask``); the body mask on that grid (None
+    with ``no_mask``); an image that knows that grid (what :func:`medcycle.io.save_nifti` writes on);
+    with `spread`, the standard deviation in HU over the members and mirrorings on that grid, 0 outside
+    the body (else None). Empties `images`: from the model grid on the images carry the input's
+    geometry, and the originals are not held through the synthesis.
     """
     from medcycle.image import affine_of, voxels
-    from medcycle.inferers import Runtime, synthesize
-    from medcycle.transforms import HUCodec, to_input_grid, volume_transforms
+    from medcycle.inferers import Runtime
+    from medcycle.transforms import to_input_grid, volume_transforms
 
     data = settings.config.data
     on_model_grid = volume_transforms(data, list(images))(images)  # checks the mask's grid and content
@@ -206,15 +228,19 @@ def synthesize_sct(images: dict[str, Any], settings: Settings) -> tuple[np.ndarr
 
     mr, model_mask = on_model_grid["mr"], on_model_grid["mask"]
     runtime = Runtime(device=settings.device, amp=settings.config.train.amp, batch_size=settings.batch_size)
-    sct = synthesize(settings.generator, mr, data.tile_size, data.context_slices,
-                     mask=None if settings.no_mask else model_mask, tta=settings.tta, runtime=runtime)
-    hu = to_input_grid(HUCodec.from_config(data).decode_(sct), affine_of(mr), mr, post=_round_int16, dtype=np.int16)
+    sct, sd = ensemble_hu(settings.generators, mr, data, None if settings.no_mask else model_mask, settings.tta,
+                              runtime, spread=spread)
+    hu = to_input_grid(sct, affine_of(mr), mr, post=_round_int16, dtype=np.int16)
     del sct
+    if sd is not None:
+        sd = to_input_grid(sd, affine_of(mr), mr, dtype=np.float32)
     if not settings.no_mask:
         if body is None:
             body = to_input_grid(model_mask, affine_of(model_mask), mr, post=lambda c: c >= 0.5, dtype=bool)
         hu[~body] = AIR_HU
-    return hu, body, mr
+        if sd is not None:
+            sd[~body] = 0.0  # air there, whatever the members say
+    return hu, body, mr, sd
 
 
 def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
@@ -236,26 +262,84 @@ def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
         check_affine(input_affine, job.dicom_out)
         source = job.dicom_ref or (job.mr if job.mr.is_dir() else None)
         reference = read_reference(source, input_affine, input_shape) if source is not None else None
-    hu, body, like = synthesize_sct(images, settings)
+    hu, body, like, spread = synthesize_sct(images, settings, spread=job.uncertainty is not None)
 
     save_nifti(job.output, hu, like=like, dtype=np.int16)
     record: dict[str, Any] = {"case": job.case.name, "input": str(job.mr), "output": str(job.output)}
-    if job.dicom_out is not None:
-        from medcycle.dicom import write_ct_series
+    try:  # a NIfTI without its other outputs would pass for a finished case
+        if spread is not None:
+            save_nifti(job.uncertainty, spread, like=like, dtype=np.float32)
+            record["uncertainty"] = str(job.uncertainty)
+        if job.dicom_out is not None:
+            from medcycle.dicom import write_ct_series
 
-        try:
             files = write_ct_series(job.dicom_out, hu, input_affine, reference=reference, overwrite=settings.overwrite,
                                     body_mask=body if settings.rtstruct else None)
-        except BaseException:  # a NIfTI without its series would pass for a finished case
-            job.output.unlink(missing_ok=True)
-            raise
-        record["dicom"] = str(job.dicom_out)
-        if settings.rtstruct:
-            record["rtstruct"] = str(files[-1])
+            record["dicom"] = str(job.dicom_out)
+            if settings.rtstruct:
+                record["rtstruct"] = str(files[-1])
+    except BaseException:
+        job.output.unlink(missing_ok=True)
+        if "uncertainty" in record:
+            job.uncertainty.unlink(missing_ok=True)
+        raise
     record.update(status="converted", seconds=round(time.perf_counter() - started, 3), shape=list(input_shape),
                   spacing=list(spacing_of(input_affine)),
                   mask="none" if settings.no_mask else ("given" if job.mask is not None else "computed"))
     return record
+
+
+def ensemble_hu(generators: list[torch.nn.Module], mr: torch.Tensor, data: Any, mask: Optional[torch.Tensor],
+                tta: str, runtime: Any, spread: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The sCT in HU on the model grid: the mean of the members' sCTs (a single model's sCT as it is);
+    with `spread`, also the standard deviation in HU over every member's every mirroring (else None)."""
+    from medcycle.inferers import synthesize
+    from medcycle.transforms import HUCodec
+
+    codec = HUCodec.from_config(data)
+    total = mean = squares = None
+    count = 0
+    for generator in generators:
+        hu = codec.decode_(synthesize(generator, mr, data.tile_size, data.context_slices, mask=mask, tta=tta,
+                                      runtime=runtime, keep_mirrorings=spread))
+        total = hu[:1] if total is None else total.add_(hu[:1])
+        for sample in hu[1:]:  # Welford's update: stable where the spread is small against the HU values
+            count += 1
+            if mean is None:
+                mean, squares = sample.clone(), torch.zeros_like(sample)
+                continue
+            delta = sample - mean
+            mean.add_(delta / count)
+            squares.add_(delta.mul_(sample - mean))
+    sct = total if len(generators) == 1 else total.div_(len(generators))
+    return sct, (squares.div_(count).sqrt_()[None] if spread else None)
+
+
+def _model_list(model: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    models = [Path(m) for m in ([model] if isinstance(model, (str, os.PathLike)) else model)]
+    if not models:
+        raise UsageError("--model: give at least one model")
+    return models
+
+
+def load_members(models: list[Path], device: torch.device) -> tuple[list[torch.nn.Module], Any]:
+    """Each model's generator, and the first one's config; members whose preprocessing differs are refused."""
+    from medcycle.checkpoint import load_generator
+
+    generators, configs = [], []
+    for model in models:
+        generator, config, _ = load_generator(model, device)
+        generators.append(generator)
+        configs.append(config)
+    first = configs[0].to_dict()["data"]
+    for model, config in zip(models[1:], configs[1:]):
+        data = config.to_dict()["data"]
+        differing = [key for key in PREPROCESSING_KEYS if data[key] != first[key]]
+        if differing:
+            key = differing[0]
+            raise InputError(f"{model}: its preprocessing differs from {models[0]}'s in data.{key} ({data[key]!r} vs "
+                             f"{first[key]!r}); ensemble members must share it")
+    return generators, configs[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,7 +349,7 @@ def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
 def run(
     input: str | os.PathLike,
     output: str | os.PathLike,
-    model: str | os.PathLike,
+    model: str | os.PathLike | Sequence[str | os.PathLike],
     mask: Optional[str | os.PathLike] = None,
     no_mask: bool = False,
     batch_size: int = 8,
@@ -276,8 +360,13 @@ def run(
     dicom_ref: Optional[str | os.PathLike] = None,
     rtstruct: bool = False,
     quiet: bool = False,
+    uncertainty: Optional[str | os.PathLike] = None,
 ) -> list[dict[str, Any]]:
     """Convert INPUT (file, DICOM folder or folder of cases) to synthetic CT; returns one record per case.
+
+    ``model``: an exported model folder, a run folder or a checkpoint, or a list of them (an ensemble:
+    the mean of the members' sCTs in HU); ``uncertainty`` (one input only): where to write the
+    standard deviation in HU over the members and mirrorings.
 
     ``tta="mirror"`` (default) averages the generator over the four in-plane mirrorings of each slice
     (:func:`medcycle.inferers.synthesize`); ``"none"`` is four times faster.
@@ -290,11 +379,14 @@ def run(
     summary line is printed: what was written where, on which grid (file mode) or how many cases, how long.
 
     Each record holds ``case``, ``input``, ``output``, ``status`` (``converted``, ``skipped`` or
-    ``failed``) and, as they apply, ``dicom``, ``rtstruct``, ``seconds``, ``shape``, ``spacing``, ``error``.
+    ``failed``) and, as they apply, ``dicom``, ``rtstruct``, ``uncertainty``, ``seconds``, ``shape``,
+    ``spacing``, ``error``.
     """
-    from medcycle.checkpoint import load_generator
-
     started = time.perf_counter()
+    models = _model_list(model)
+    uncertainty_path = Path(uncertainty) if uncertainty is not None else None
+    if uncertainty_path is not None and len(models) == 1 and tta == "none":
+        raise UsageError("--uncertainty needs several --model members or --tta mirror: one output has no spread")
     input, output = Path(input), Path(output)
     mask_path = Path(mask) if mask is not None else None
     dicom_path = Path(dicom_out) if dicom_out is not None else None
@@ -316,30 +408,37 @@ def run(
             raise UsageError("--mask takes one mask for one input; in folder mode each case's mask.* is used")
         if dicom_ref is not None:
             raise UsageError("--dicom-ref gives one patient's tags: it takes one input, not a folder of cases")
+        if uncertainty_path is not None:
+            raise UsageError("--uncertainty names one file: it takes one input, not a folder of cases")
         jobs, ignored = _plan_folder(input, output, dicom_path)
     else:
         if input.is_file() and volume_suffix(input) is None:
             raise InputError(f"{input}: not a volume (expected .nii, .nii.gz, .mha, .nrrd or a DICOM folder)")
         job = _plan_file(input, output, mask_path, dicom_path)
         job.dicom_ref = Path(dicom_ref) if dicom_ref is not None else None
+        job.uncertainty = uncertainty_path
         _check_outputs(job, input)
         check_output_location(job.output)
         if job.dicom_out is not None:
             check_output_location(job.dicom_out / "x")
+        if job.uncertainty is not None:
+            check_output_location(job.uncertainty)
         jobs = [job]
 
-    generator, config, _ = load_generator(model, torch_device)
-    settings = Settings(generator, config, torch_device, batch_size, no_mask, overwrite, tta, rtstruct)
+    generators, config = load_members(models, torch_device)
+    settings = Settings(generators, config, torch_device, batch_size, no_mask, overwrite, tta, rtstruct)
     if folder_mode:
         with _locked(output, dicom_path):
             return _run_folder(jobs, ignored, input, output, settings, quiet, started)
-    with _locked(job.output, job.dicom_out):  # from the existence checks to the last file written
-        if job.output.exists() and not overwrite:
-            raise InputError(f"{job.output}: already exists (use --overwrite to replace it)")
+    with _locked(job.output, job.dicom_out, job.uncertainty):  # from the existence checks to the last file written
+        for written in (job.output, job.uncertainty):
+            if written is not None and written.exists() and not overwrite:
+                raise InputError(f"{written}: already exists (use --overwrite to replace it)")
         if job.dicom_out is not None and job.dicom_out.is_dir() and any(job.dicom_out.iterdir()) and not overwrite:
             raise InputError(f"{job.dicom_out}: already exists and is not empty (use --overwrite to replace it)")
         record = convert_case(job, settings)
     dicom = f", CT series in {record['dicom']}" if "dicom" in record else ""
+    dicom += f", uncertainty in {record['uncertainty']}" if "uncertainty" in record else ""
     console.summary("convert", f"wrote {job.output} ({console.grid(record['shape'], record['spacing'])}){dicom} "
                                f"on {torch_device} in {console.seconds(time.perf_counter() - started)}")
     return [record]
@@ -377,7 +476,7 @@ def convert_array(
     mr: Any,
     affine: Any = None,
     *,
-    model: str | os.PathLike,
+    model: str | os.PathLike | Sequence[str | os.PathLike],
     mask: Any = None,
     no_mask: bool = False,
     batch_size: int = 8,
@@ -395,18 +494,16 @@ def convert_array(
     """
     from monai.data import MetaTensor
 
-    from medcycle.checkpoint import load_generator
-
     _check_options(batch_size, no_mask, mask, tta)
     torch_device = resolve_device(device)
     image = _in_memory_image(mr, affine, "mr")
     images = {"mr": image}
     if mask is not None:
         images["mask"] = _in_memory_image(mask, None if isinstance(mask, MetaTensor) else image.affine, "mask")
-    generator, config, _ = load_generator(model, torch_device)
+    generators, config = load_members(_model_list(model), torch_device)
     out_affine = image.affine.clone()
     meta = dict(mr.meta) if isinstance(mr, MetaTensor) else {}
-    hu, _, _ = synthesize_sct(images, Settings(generator, config, torch_device, batch_size, no_mask, tta=tta))
+    hu, _, _, _ = synthesize_sct(images, Settings(generators, config, torch_device, batch_size, no_mask, tta=tta))
     values = torch.from_numpy(hu).reshape(np.shape(mr))
     return MetaTensor(values, affine=out_affine, meta={key: v for key, v in meta.items() if key != "affine"})
 
