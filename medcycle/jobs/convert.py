@@ -86,6 +86,8 @@ class Settings:
     overwrite: bool = False
     tta: str = "mirror"
     rtstruct: bool = False  # also the body contour as an RT Structure Set in each DICOM output
+    anatomy: str = "unknown"  # what the model was trained on (:func:`medcycle.transforms.body_part.trained_anatomy`)
+    allow_other_anatomy: bool = False  # convert a scan that is not a head with a head model anyway
 
 
 # --------------------------------------------------------------------------------------------------
@@ -177,6 +179,23 @@ def _resolve_device(device: Optional[str]) -> torch.device:
 # one case
 
 
+def _check_anatomy(job: Conversion, model_mask: Any, settings: Settings) -> Any:
+    """Refuse a scan that is not a head when the model was trained on heads only (unless the user allows
+    it); warn about it otherwise, and about a field of view that cuts the body. Returns the check."""
+    from tqdm import tqdm
+
+    from medcycle.image import affine_of, spacing_of
+    from medcycle.transforms.body_part import head_check
+
+    part = head_check(model_mask[0], spacing_of(affine_of(model_mask)))
+    if not part.is_head and settings.anatomy == "head" and not settings.allow_other_anatomy:
+        raise InputError(f"{job.mr}: {part.notes()[0]}, and this model was trained on heads only: its sCT would mean "
+                         "nothing (--allow-other-anatomy converts it anyway)")
+    for note in part.notes():
+        tqdm.write(f"medcycle convert: warning: {job.mr}: {note}", file=sys.stderr)
+    return part
+
+
 def _round_int16(chunk: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(chunk), -32768, 32767).astype(np.int16)
 
@@ -208,6 +227,7 @@ def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
     del images  # from here on the images on the model grid carry the input's geometry
 
     mr, model_mask = on_model_grid["mr"], on_model_grid["mask"]
+    body_part = _check_anatomy(job, model_mask, settings)
     runtime = Runtime(device=settings.device, amp=settings.config.train.amp, batch_size=settings.batch_size)
     sct = synthesize(settings.generator, mr, data.tile_size, data.context_slices,
                      mask=None if settings.no_mask else model_mask, tta=settings.tta, runtime=runtime)
@@ -233,7 +253,8 @@ def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
         if settings.rtstruct:
             record["rtstruct"] = str(files[-1])
     record.update(status="converted", seconds=round(time.perf_counter() - started, 3), shape=list(input_shape),
-                  mask="none" if settings.no_mask else ("given" if job.mask is not None else "computed"))
+                  mask="none" if settings.no_mask else ("given" if job.mask is not None else "computed"),
+                  body_part=body_part.verdict, warnings=body_part.notes())
     return record
 
 
@@ -254,6 +275,7 @@ def run(
     tta: str = "mirror",
     dicom_ref: Optional[str | os.PathLike] = None,
     rtstruct: bool = False,
+    allow_other_anatomy: bool = False,
 ) -> list[dict[str, Any]]:
     """Convert INPUT (file, DICOM folder or folder of cases) to synthetic CT; returns one record per case.
 
@@ -264,8 +286,13 @@ def run(
     series, for a NIfTI input) gives it patient, study and frame of reference; ``rtstruct`` adds the
     body contour as an RT Structure Set.
 
+    A scan that is not a head (:func:`medcycle.transforms.body_part.head_check`: a chest, an abdomen)
+    is refused when the model was trained on heads only, unless ``allow_other_anatomy``; otherwise
+    it is converted with a warning, as is a scan whose field of view cuts the body.
+
     Each record holds ``case``, ``input``, ``output``, ``status`` (``converted``, ``skipped`` or
-    ``failed``) and, as they apply, ``dicom``, ``rtstruct``, ``seconds``, ``error``.
+    ``failed``) and, as they apply, ``dicom``, ``rtstruct``, ``seconds``, ``body_part`` (the check's
+    verdict), ``warnings``, ``error``.
     """
     from medcycle.checkpoint import load_generator
     from medcycle.inferers import TTA_MODES
@@ -308,8 +335,10 @@ def run(
             check_output_location(job.dicom_out / "x")
         jobs = [job]
 
-    generator, config, _ = load_generator(model, torch_device)
-    settings = Settings(generator, config, torch_device, batch_size, no_mask, overwrite, tta, rtstruct)
+    generator, config, state = load_generator(model, torch_device)
+    settings = Settings(generator, config, torch_device, batch_size, no_mask, overwrite, tta, rtstruct,
+                        anatomy=state["preprocessing"].get("anatomy", "unknown"),  # absent in checkpoints of older versions
+                        allow_other_anatomy=allow_other_anatomy)
     if folder_mode:
         with _locked(output, dicom_path):
             return _run_folder(jobs, ignored, input, output, settings)
