@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="CACHE", help="cache folder (re-runs skip finished cases)")
     _add_config(p)
     p.add_argument("--workers", type=int, default=1, metavar="N", help="cases processed in parallel (default 1)")
+    p.add_argument("--register", choices=("none", "rigid"), default="none",
+                   help="rigid: register each paired case's CT that lies on another grid onto its MR (mutual "
+                        "information) and record the transform; none (default): such a case is refused")
 
     p = _add(sub, "train", "train the MR<->CT CycleGAN on a preprocessed cache")
     _add_config(p)
@@ -113,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "giving patient, study and frame of reference (default: the input when it is a DICOM series)")
     p.add_argument("--rtstruct", action="store_true", help="with --dicom-out: also write the body contour as an RT "
                    "Structure Set (RS_BODY.dcm in the series folder)")
+    p.add_argument("--allow-other-anatomy", action="store_true",
+                   help="convert a scan that is not a head (e.g. a chest) with a model trained on heads only; refused "
+                        "by default, since its sCT means nothing")
     p.add_argument("--tta", choices=("mirror", "none"), default="mirror",
                    help="test-time augmentation: 'mirror' (default) averages the four in-plane mirrorings of each "
                         "slice (less invented texture; 4x the compute), 'none' runs each slice once")
@@ -160,7 +166,7 @@ def _job(args: argparse.Namespace) -> Callable[[], object]:
     if args.command == "preprocess":
         return lambda: medcycle.preprocess(out=args.out, data=args.data, mr_dir=args.mr_dir, ct_dir=args.ct_dir,
                                            config=args.config, overrides=args.overrides, workers=args.workers,
-                                           quiet=args.quiet)
+                                           quiet=args.quiet, register=args.register)
     if args.command == "train":
         return lambda: medcycle.train(config=args.config, data=args.data, out=args.out, overrides=args.overrides,
                                       max_iters=args.max_iters, resume=args.resume, device=args.device,
@@ -170,7 +176,7 @@ def _job(args: argparse.Namespace) -> Callable[[], object]:
                                         no_mask=args.no_mask, batch_size=args.batch_size, device=args.device,
                                         overwrite=args.overwrite, dicom_out=args.dicom_out, tta=args.tta,
                                         dicom_ref=args.dicom_ref, rtstruct=args.rtstruct, uncertainty=args.uncertainty,
-                                        quiet=args.quiet)
+                                        allow_other_anatomy=args.allow_other_anatomy, quiet=args.quiet)
     if args.command == "export":
         return lambda: medcycle.export(run=args.run, out=args.out, overwrite=args.overwrite, checkpoint=args.checkpoint,
                                        onnx=not args.no_onnx, quiet=args.quiet)

@@ -64,7 +64,8 @@ def test_synthrad_layout_nifti_mha_dicom_and_mr_only(tmp_path, dataset, capsys):
     assert sorted(cases) == ["c01", "c02", "c03", "c04"]
     assert cases["c03"]["split"] == "val"  # the last paired case (val_cases = 1)
     assert all(cases[c]["split"] == "train" for c in ("c01", "c02", "c04"))
-    assert cases["c04"] == {"split": "train", "mr": True, "ct": False, "paired": False, "n_tiles": cases["c04"]["n_tiles"]}
+    assert cases["c04"] == {"split": "train", "mr": True, "ct": False, "paired": False, "n_tiles": cases["c04"]["n_tiles"],
+                            "head": False}  # this tiny synthetic head is wider than deep
     assert all(cases[c]["paired"] and cases[c]["ct"] for c in ("c01", "c02", "c03"))
     assert summary["tiles"] == sum(c["n_tiles"] for c in cases.values()) > 0
     assert select_cases(manifest, split="train") == ["c01", "c02", "c04"]

@@ -73,7 +73,8 @@ def test_cli_run_writes_checkpoints_logs_images_and_tracks_the_best_model(cache,
 
     assert state["preprocessing"] == {"data_config": manifest["data_config"], "data_config_hash": manifest["data_config_hash"],
                                       "cases_hash": cases_fingerprint(cache, manifest),
-                                      "manifest_sha256": file_checksum(cache / "manifest.json")}  # exports' provenance
+                                      "manifest_sha256": file_checksum(cache / "manifest.json"),  # exports' provenance
+                                      "anatomy": "unknown"}  # make_cache's manifest carries no head check
     assert set(state["nets"]) == {"G_mr2ct", "G_ct2mr", "D_ct", "D_mr"}
     assert set(state["optimizers"]) == set(state["schedulers"]) == {"G", "D"}
     assert set(state["pools"]) == {"ct", "mr"} and state["pools"]["ct"]["images"].shape[0] == 3

@@ -54,6 +54,7 @@ from medcycle.engine.logger import RunLogger
 from medcycle.engine.trainer import CycleGANTrainer, seed_everything, set_rng_state
 from medcycle.errors import InputError, MedcycleError, UsageError
 from medcycle.files import file_checksum
+from medcycle.transforms.body_part import trained_anatomy
 
 LAST, BEST, CONFIG = "last.pt", "best.pt", "config.yaml"
 #: config keys that may change when a run is resumed (they change neither the model nor the data)
@@ -241,7 +242,8 @@ class _Session:
         self.preview = preview_tiles(cache_dir, self.manifest, PREVIEW_TILES) if ctx.is_main else None
         self.preprocessing = {"data_config": self.manifest["data_config"], "data_config_hash": self.manifest["data_config_hash"],
                               "cases_hash": cases_fingerprint(cache_dir, self.manifest),
-                              "manifest_sha256": file_checksum(Path(cache_dir) / MANIFEST)}  # provenance of exports
+                              "manifest_sha256": file_checksum(Path(cache_dir) / MANIFEST),  # provenance of exports
+                              "anatomy": trained_anatomy(self.manifest["cases"])}  # convert refuses other body parts
         if ctx.is_main:
             self._prepare_run_dir()
         self.budget = train.max_minutes * 60.0 if train.max_minutes else None

@@ -103,6 +103,8 @@ class Settings:
     overwrite: bool = False
     tta: str = "mirror"
     rtstruct: bool = False  # also the body contour as an RT Structure Set in each DICOM output
+    anatomy: str = "unknown"  # what the model was trained on (:func:`medcycle.transforms.body_part.trained_anatomy`)
+    allow_other_anatomy: bool = False  # convert a scan that is not a head with a head model anyway
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,31 +204,57 @@ def _check_options(batch_size: int, no_mask: bool, mask: Any, tta: str) -> None:
 # one case
 
 
+def _check_anatomy(source: str, model_mask: Any, settings: Settings) -> Any:
+    """Refuse a scan that is not a head when the model was trained on heads only (unless the user allows
+    it); warn about it otherwise, and about a field of view that cuts the body. Returns the check."""
+    from tqdm import tqdm
+
+    from medcycle.image import affine_of, spacing_of
+    from medcycle.transforms.body_part import head_check
+
+    part = head_check(model_mask[0], spacing_of(affine_of(model_mask)))
+    if not part.is_head and settings.anatomy == "head" and not settings.allow_other_anatomy:
+        raise InputError(f"{source}: {part.notes()[0]}, and this model was trained on heads only: its sCT would mean "
+                         "nothing (--allow-other-anatomy converts it anyway)")
+    for note in part.notes():
+        tqdm.write(f"medcycle convert: warning: {source}: {note}", file=sys.stderr)
+    return part
+
+
 def _round_int16(chunk: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(chunk), -32768, 32767).astype(np.int16)
 
 
-def synthesize_sct(images: dict[str, Any], settings: Settings,
-                   spread: bool = False) -> tuple[np.ndarray, Optional[np.ndarray], Any, Optional[np.ndarray]]:
+@dataclass
+class Synthesis:
+    """An sCT on its MR's own grid, and what came with it."""
+
+    hu: np.ndarray  # int16 HU (the mean of the ensemble's members), -1000 outside the body unless no_mask
+    body: Optional[np.ndarray]  # the body mask on that grid (None with no_mask)
+    like: Any  # an image that knows that grid: what medcycle.io.save_nifti writes on
+    sd: Optional[np.ndarray]  # with spread: the SD in HU over members and mirrorings, 0 outside the body
+    body_part: Any  # the head check (medcycle.transforms.body_part.head_check)
+
+
+def synthesize_sct(images: dict[str, Any], settings: Settings, spread: bool = False) -> Synthesis:
     """The sCT of ``images["mr"]`` (with its optional ``"mask"``), read images of :mod:`medcycle.image`.
 
-    Returns ``(hu, body, like, sd)``: the sCT in int16 HU on the MR's own grid (the mean of the
-    ensemble's members), -1000 outside the body (unless ``no_mask``); the body mask on that grid (None
-    with ``no_mask``); an image that knows that grid (what :func:`medcycle.io.save_nifti` writes on);
-    with `spread`, the standard deviation in HU over the members and mirrorings on that grid, 0 outside
-    the body (else None). Empties `images`: from the model grid on the images carry the input's
-    geometry, and the originals are not held through the synthesis.
+    A scan that is not a head is refused with a head model (unless ``settings.allow_other_anatomy``).
+    Empties `images`: from the model grid on the images carry the input's geometry, and the originals
+    are not held through the synthesis.
     """
-    from medcycle.image import affine_of, voxels
+    from medcycle.image import affine_of, name_of, voxels
     from medcycle.inferers import Runtime
     from medcycle.transforms import to_input_grid, volume_transforms
 
     data = settings.config.data
     on_model_grid = volume_transforms(data, list(images))(images)  # checks the mask's grid and content
     body = voxels(images["mask"]) > 0 if "mask" in images and not settings.no_mask else None
+    source = name_of(images["mr"])
     images.clear()
 
     mr, model_mask = on_model_grid["mr"], on_model_grid["mask"]
+    body_part = _check_anatomy(source, model_mask, settings)
     runtime = Runtime(device=settings.device, amp=settings.config.train.amp, batch_size=settings.batch_size)
     sct, sd = ensemble_hu(settings.generators, mr, data, None if settings.no_mask else model_mask, settings.tta,
                               runtime, spread=spread)
@@ -240,7 +268,7 @@ def synthesize_sct(images: dict[str, Any], settings: Settings,
         hu[~body] = AIR_HU
         if sd is not None:
             sd[~body] = 0.0  # air there, whatever the members say
-    return hu, body, mr, sd
+    return Synthesis(hu, body, mr, sd, body_part)
 
 
 def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
@@ -262,19 +290,19 @@ def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
         check_affine(input_affine, job.dicom_out)
         source = job.dicom_ref or (job.mr if job.mr.is_dir() else None)
         reference = read_reference(source, input_affine, input_shape) if source is not None else None
-    hu, body, like, spread = synthesize_sct(images, settings, spread=job.uncertainty is not None)
+    result = synthesize_sct(images, settings, spread=job.uncertainty is not None)
 
-    save_nifti(job.output, hu, like=like, dtype=np.int16)
+    save_nifti(job.output, result.hu, like=result.like, dtype=np.int16)
     record: dict[str, Any] = {"case": job.case.name, "input": str(job.mr), "output": str(job.output)}
     try:  # a NIfTI without its other outputs would pass for a finished case
-        if spread is not None:
-            save_nifti(job.uncertainty, spread, like=like, dtype=np.float32)
+        if result.sd is not None:
+            save_nifti(job.uncertainty, result.sd, like=result.like, dtype=np.float32)
             record["uncertainty"] = str(job.uncertainty)
         if job.dicom_out is not None:
             from medcycle.dicom import write_ct_series
 
-            files = write_ct_series(job.dicom_out, hu, input_affine, reference=reference, overwrite=settings.overwrite,
-                                    body_mask=body if settings.rtstruct else None)
+            files = write_ct_series(job.dicom_out, result.hu, input_affine, reference=reference,
+                                    overwrite=settings.overwrite, body_mask=result.body if settings.rtstruct else None)
             record["dicom"] = str(job.dicom_out)
             if settings.rtstruct:
                 record["rtstruct"] = str(files[-1])
@@ -285,7 +313,8 @@ def convert_case(job: Conversion, settings: Settings) -> dict[str, Any]:
         raise
     record.update(status="converted", seconds=round(time.perf_counter() - started, 3), shape=list(input_shape),
                   spacing=list(spacing_of(input_affine)),
-                  mask="none" if settings.no_mask else ("given" if job.mask is not None else "computed"))
+                  mask="none" if settings.no_mask else ("given" if job.mask is not None else "computed"),
+                  body_part=result.body_part.verdict, warnings=result.body_part.notes())
     return record
 
 
@@ -322,15 +351,25 @@ def _model_list(model: str | os.PathLike | Sequence[str | os.PathLike]) -> list[
     return models
 
 
-def load_members(models: list[Path], device: torch.device) -> tuple[list[torch.nn.Module], Any]:
-    """Each model's generator, and the first one's config; members whose preprocessing differs are refused."""
+def _trained_anatomy(metadata: dict[str, Any]) -> str:
+    """What a model was trained on (:func:`medcycle.transforms.body_part.trained_anatomy`), from a
+    checkpoint or a model folder's metadata; ``unknown`` for models of older versions."""
+    if "preprocessing" in metadata:  # a checkpoint
+        return metadata["preprocessing"].get("anatomy", "unknown")
+    return ((metadata.get("medcycle") or {}).get("training_data") or {}).get("anatomy", "unknown")
+
+
+def load_members(models: list[Path], device: torch.device) -> tuple[list[torch.nn.Module], Any, str]:
+    """Each model's generator, the first one's config, and what they were trained on (``head`` only when
+    every member was); members whose preprocessing differs are refused."""
     from medcycle.checkpoint import load_generator
 
-    generators, configs = [], []
+    generators, configs, anatomies = [], [], []
     for model in models:
-        generator, config, _ = load_generator(model, device)
+        generator, config, metadata = load_generator(model, device)
         generators.append(generator)
         configs.append(config)
+        anatomies.append(_trained_anatomy(metadata))
     first = configs[0].to_dict()["data"]
     for model, config in zip(models[1:], configs[1:]):
         data = config.to_dict()["data"]
@@ -339,7 +378,8 @@ def load_members(models: list[Path], device: torch.device) -> tuple[list[torch.n
             key = differing[0]
             raise InputError(f"{model}: its preprocessing differs from {models[0]}'s in data.{key} ({data[key]!r} vs "
                              f"{first[key]!r}); ensemble members must share it")
-    return generators, configs[0]
+    anatomy = anatomies[0] if len(set(anatomies)) == 1 else ("other" if "other" in anatomies else "unknown")
+    return generators, configs[0], anatomy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,6 +401,7 @@ def run(
     rtstruct: bool = False,
     quiet: bool = False,
     uncertainty: Optional[str | os.PathLike] = None,
+    allow_other_anatomy: bool = False,
 ) -> list[dict[str, Any]]:
     """Convert INPUT (file, DICOM folder or folder of cases) to synthetic CT; returns one record per case.
 
@@ -378,9 +419,13 @@ def run(
     `device`: :func:`medcycle.device.resolve_device` (default ``auto``); `quiet`: no progress bar. One
     summary line is printed: what was written where, on which grid (file mode) or how many cases, how long.
 
+    A scan that is not a head (:func:`medcycle.transforms.body_part.head_check`: a chest, an abdomen)
+    is refused when the model was trained on heads only, unless ``allow_other_anatomy``; otherwise
+    it is converted with a warning, as is a scan whose field of view cuts the body.
+
     Each record holds ``case``, ``input``, ``output``, ``status`` (``converted``, ``skipped`` or
     ``failed``) and, as they apply, ``dicom``, ``rtstruct``, ``uncertainty``, ``seconds``, ``shape``,
-    ``spacing``, ``error``.
+    ``spacing``, ``body_part`` (the head check's verdict), ``warnings``, ``error``.
     """
     started = time.perf_counter()
     models = _model_list(model)
@@ -425,8 +470,9 @@ def run(
             check_output_location(job.uncertainty)
         jobs = [job]
 
-    generators, config = load_members(models, torch_device)
-    settings = Settings(generators, config, torch_device, batch_size, no_mask, overwrite, tta, rtstruct)
+    generators, config, anatomy = load_members(models, torch_device)
+    settings = Settings(generators, config, torch_device, batch_size, no_mask, overwrite, tta, rtstruct, anatomy,
+                        allow_other_anatomy)
     if folder_mode:
         with _locked(output, dicom_path):
             return _run_folder(jobs, ignored, input, output, settings, quiet, started)
@@ -482,6 +528,7 @@ def convert_array(
     batch_size: int = 8,
     device: Optional[str] = None,
     tta: str = "mirror",
+    allow_other_anatomy: bool = False,
 ) -> Any:
     """The sCT of an MR volume in memory, written nowhere: the steps of a file's conversion
     (:func:`synthesize_sct`) on an array and its affine, or on a MONAI ``MetaTensor``.
@@ -500,11 +547,12 @@ def convert_array(
     images = {"mr": image}
     if mask is not None:
         images["mask"] = _in_memory_image(mask, None if isinstance(mask, MetaTensor) else image.affine, "mask")
-    generators, config = load_members(_model_list(model), torch_device)
+    generators, config, anatomy = load_members(_model_list(model), torch_device)
     out_affine = image.affine.clone()
     meta = dict(mr.meta) if isinstance(mr, MetaTensor) else {}
-    hu, _, _, _ = synthesize_sct(images, Settings(generators, config, torch_device, batch_size, no_mask, tta=tta))
-    values = torch.from_numpy(hu).reshape(np.shape(mr))
+    settings = Settings(generators, config, torch_device, batch_size, no_mask, tta=tta, anatomy=anatomy,
+                        allow_other_anatomy=allow_other_anatomy)
+    values = torch.from_numpy(synthesize_sct(images, settings).hu).reshape(np.shape(mr))
     return MetaTensor(values, affine=out_affine, meta={key: v for key, v in meta.items() if key != "affine"})
 
 

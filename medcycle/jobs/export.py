@@ -91,7 +91,8 @@ def _provenance(path: Path, state: dict[str, Any]) -> dict[str, Any]:
                        "history": metrics.get("history", [])},
         "training_data": {"manifest_sha256": preprocessing.get("manifest_sha256"),  # absent before medcycle 0.2
                           "cases_hash": preprocessing.get("cases_hash"),
-                          "data_config_hash": preprocessing.get("data_config_hash")},
+                          "data_config_hash": preprocessing.get("data_config_hash"),
+                          "anatomy": preprocessing.get("anatomy", "unknown")},  # convert refuses other body parts
         "training_config": {"loss": config.get("loss"), "train": config.get("train")},
     }
 

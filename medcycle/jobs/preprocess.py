@@ -16,6 +16,9 @@ is skipped. Otherwise the shared MONAI
 chain (:func:`medcycle.transforms.volume_transforms`) orients, resamples, masks and normalises the
 volumes, :func:`medcycle.transforms.extract_tiles` cuts the tiles (MR and CT on the same slices and
 crop), and :func:`medcycle.data.cache.write_case` writes the arrays and then the record, atomically.
+The record also says how much body the tile leaves out and whether the body looks like a head
+(:func:`medcycle.transforms.body_part.head_check`); every case with something to say about either
+gets one warning line (:func:`case_notes`), and the manifest marks each case ``head`` or not.
 Finally ``manifest.json`` lists every finished case with its split: the last ``data.val_cases``
 paired cases (sorted ids) are ``val`` (at least one case is left for training), the rest ``train``.
 
@@ -44,6 +47,7 @@ from medcycle.errors import InputError, MedcycleError, UsageError
 from medcycle.files import volume_suffix
 
 MAX_LISTED_FAILURES = 5
+MIN_CT_COVERAGE = 0.99  # a registered CT covering less of the MR's body is worth a warning
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,11 +63,53 @@ def _geometry(affine: Any, shape: Sequence[int]) -> dict[str, Any]:
     }
 
 
-def process_case(case: Case, cache_dir: Path, data_cfg: DataConfig, data_hash: str) -> dict[str, Any]:
-    """Preprocess one case into the cache (or skip it when its record is current); returns a summary."""
+REGISTRATIONS = ("none", "rigid")
+
+
+def _registered_ct(case: Case, inputs: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """Register a paired case's CT onto its MR when it lies on another grid; None when on the same grid.
+
+    The CT is read, registered rigidly (:func:`medcycle.registration.register_rigid`), resampled onto the
+    MR's grid (air outside its field of view) and put in `inputs` in place of its path; the returned
+    record holds the transform and the verdict. A failed registration refuses the case naming the CT.
+    """
+    from medcycle.image import affine_of, check_same_grid, shape_of, voxels, with_values
+    from medcycle.io import load_volume
+    from medcycle.registration import register_rigid, resample_onto
+
+    mr, ct = load_volume(inputs["mr"]), load_volume(inputs["ct"])
+    inputs["mr"] = mr
+    try:
+        check_same_grid(mr, ct)
+        inputs["ct"] = ct
+        return None
+    except InputError:
+        pass
+    mask = voxels(load_volume(inputs["mask"], allow_constant=True)) if "mask" in inputs else None
+    if mask is not None and mask.shape != shape_of(mr):
+        raise InputError(f"{case.volumes['mask']}: grid {mask.shape} differs from the MR's {shape_of(mr)}")
+    result = register_rigid(voxels(mr), affine_of(mr), voxels(ct), affine_of(ct), fixed_mask=mask,
+                            name=str(case.volumes["ct"]), fixed_name=str(case.volumes["mr"]), check=False)
+    if not result.ok:
+        raise InputError(f"{case.volumes['ct']}: rigid registration onto {case.volumes['mr']} failed "
+                         f"({'; '.join(result.failures)}); the case is not used")
+    on_mr_grid = resample_onto(voxels(ct), affine_of(ct), result, shape_of(mr), affine_of(mr), default_value=-1024.0)
+    inputs["ct"] = with_values(mr, on_mr_grid[None], source=str(case.volumes["ct"]))
+    return {**result.record(), "fixed": "mr", "moving": "ct", "ct_resampled_onto": "the MR's grid (linear; -1024 HU "
+            "outside the CT's field of view)"}
+
+
+def process_case(case: Case, cache_dir: Path, data_cfg: DataConfig, data_hash: str,
+                 register: str = "none") -> dict[str, Any]:
+    """Preprocess one case into the cache (or skip it when its record is current); returns a summary.
+
+    With `register` ``rigid`` a paired case's CT on another grid than its MR is registered onto it
+    (:func:`_registered_ct`); otherwise such a case is refused.
+    """
     from medcycle.files import file_checksum
-    from medcycle.image import affine_of, shape_of, source_grid
-    from medcycle.transforms import extract_tiles, plan_tiles, volume_transforms
+    from medcycle.image import affine_of, shape_of, source_grid, spacing_of, voxels
+    from medcycle.transforms import HUCodec, extract_tiles, plan_tiles, volume_transforms
+    from medcycle.transforms.body_part import head_check
 
     if case.problem:
         raise InputError(case.problem)
@@ -74,7 +120,10 @@ def process_case(case: Case, cache_dir: Path, data_cfg: DataConfig, data_hash: s
         return {"case": case.name, "status": "skipped", "record": previous}
 
     keys = [role for role in ROLES if role in case.volumes]
-    volumes = volume_transforms(data_cfg, keys)({role: str(case.volumes[role]) for role in keys})
+    inputs: dict[str, Any] = {role: str(case.volumes[role]) for role in keys}
+    registration = _registered_ct(case, inputs) if register == "rigid" and case.paired else None
+    volumes = volume_transforms(data_cfg, keys)(inputs)
+    del inputs
     images = {role: volumes[role] for role in ("mr", "ct") if role in volumes}
     plan = plan_tiles(volumes["mask"], data_cfg)
     tiles, mask_tiles, slices = extract_tiles(images, volumes["mask"], data_cfg, plan=plan)
@@ -82,6 +131,9 @@ def process_case(case: Case, cache_dir: Path, data_cfg: DataConfig, data_hash: s
         raise InputError(f"{case.origin}: no axial slice has a body fraction >= {data_cfg.min_body_fraction} in its "
                          f"{data_cfg.tile_size}x{data_cfg.tile_size} tile (empty body mask?)")
     reference = images["mr"] if "mr" in images else images["ct"]
+    ct_hu = HUCodec.from_config(data_cfg).decode(voxels(images["ct"])) if "ct" in images else None
+    body_part = head_check(volumes["mask"][0], spacing_of(affine_of(reference)), ct_hu)
+    del ct_hu
     normalisation: dict[str, Any] = {"ct_window": [float(v) for v in data_cfg.ct_window]}
     if "mr" in images:
         normalisation.update(mr_low=float(images["mr"].meta["mr_low"]), mr_high=float(images["mr"].meta["mr_high"]),
@@ -99,7 +151,12 @@ def process_case(case: Case, cache_dir: Path, data_cfg: DataConfig, data_hash: s
         },
         "normalisation": normalisation,
         "tile": {"start": [int(v) for v in plan.start], "size": int(data_cfg.tile_size),
-                 "context_slices": int(data_cfg.context_slices), "axis": 2},
+                 "context_slices": int(data_cfg.context_slices), "axis": 2,
+                 "body_cut_fraction": round(plan.cut_fraction, 6), "body_dropped_fraction": round(plan.dropped_fraction, 6),
+                 "overhang_mm": {side: round(mm, 1) for side, mm in plan.overhang_mm.items()},
+                 "cut_warning": plan.cut_warning()},
+        "body_part": body_part.record(),
+        **({"registration": registration} if registration is not None else {}),
         "slices": [int(s) for s in slices],
         "n_tiles": int(len(slices)),
     }
@@ -109,9 +166,9 @@ def process_case(case: Case, cache_dir: Path, data_cfg: DataConfig, data_hash: s
     return {"case": case.name, "status": "done", "record": written, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _safe_process(case: Case, cache_dir: Path, data_cfg: DataConfig, data_hash: str) -> dict[str, Any]:
+def _safe_process(case: Case, cache_dir: Path, data_cfg: DataConfig, data_hash: str, register: str) -> dict[str, Any]:
     try:
-        return process_case(case, cache_dir, data_cfg, data_hash)
+        return process_case(case, cache_dir, data_cfg, data_hash, register)
     except Exception as exc:  # noqa: BLE001 - one broken case must not stop the others
         return {"case": case.name, "status": "failed", "error": case.failure(exc)}
 
@@ -161,6 +218,17 @@ def _check_output(out: Path, inputs: Sequence[Path]) -> None:
             raise UsageError(f"--out {out} lies inside the input folder {folder}; choose a cache folder outside the inputs")
 
 
+def case_notes(record: dict[str, Any]) -> list[str]:
+    """What a case's record tells the user: not a head, a cut field of view, a tile that cuts the body, a
+    registered CT that does not cover the MR's body."""
+    cut = record.get("tile", {}).get("cut_warning")  # these two are absent in caches of older versions
+    notes = list(record.get("body_part", {}).get("notes", [])) + ([cut] if cut else [])
+    coverage = record.get("registration", {}).get("coverage", 1.0)
+    if coverage < MIN_CT_COVERAGE:
+        notes.append(f"the registered CT covers {100 * coverage:.0f} % of the MR's body; the rest is air in its tiles")
+    return notes
+
+
 def _split(records: dict[str, dict[str, Any]], val_cases: int) -> dict[str, str]:
     ids = sorted(records)
     paired = [i for i in ids if records[i].get("paired")]
@@ -178,16 +246,21 @@ def run(
     overrides: Sequence[str] = (),
     workers: int = 1,
     quiet: bool = False,
+    register: str = "none",
 ) -> dict[str, Any]:
     """Preprocess every case into the tile cache `out`; returns a summary (also printed in one line).
 
     The summary holds ``cache``, ``manifest``, ``cases`` (found), ``done``, ``skipped``, ``failed``,
-    ``tiles`` (in the manifest), ``train`` / ``val`` (case counts) and ``failures`` (messages).
+    ``tiles`` (in the manifest), ``train`` / ``val`` (case counts), ``failures`` (messages) and
+    ``warnings`` (case id -> one line: not a head, a field of view or a tile that cuts the body).
     `config` is a YAML path, a :class:`~medcycle.config.Config` or None (defaults); `overrides` are
-    ``KEY=VALUE`` strings. `quiet`: no progress bar.
+    ``KEY=VALUE`` strings. `quiet`: no progress bar. `register` ``rigid`` registers each paired case's CT
+    that lies on another grid onto its MR (recorded in the case's record) instead of refusing the case.
     """
     started = time.perf_counter()
     cfg = resolve_config(config, overrides)
+    if register not in REGISTRATIONS:
+        raise UsageError(f"--register must be one of {', '.join(REGISTRATIONS)}, got {register!r}")
     if data is None and mr_dir is None:
         raise UsageError("preprocess needs --data DIR (SynthRAD layout) or --mr-dir DIR (with --ct-dir DIR)")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -218,12 +291,12 @@ def run(
     cases.sort(key=lambda c: c.name)
 
     with cache.lock(out):
-        return _run_locked(cases, ignored, out, cfg, workers, data, mr_dir, ct_dir, quiet, started)
+        return _run_locked(cases, ignored, out, cfg, workers, data, mr_dir, ct_dir, register, quiet, started)
 
 
 def _run_locked(cases: list[Case], ignored: list[str], out: Path, cfg: Any, workers: int,
                 data: Optional[str | os.PathLike], mr_dir: Optional[str | os.PathLike],
-                ct_dir: Optional[str | os.PathLike], quiet: bool, started: float) -> dict[str, Any]:
+                ct_dir: Optional[str | os.PathLike], register: str, quiet: bool, started: float) -> dict[str, Any]:
     """Process `cases` into the cache `out` (whose lock the caller holds) and write its manifest."""
     from tqdm import tqdm
 
@@ -253,12 +326,12 @@ def _run_locked(cases: list[Case], ignored: list[str], out: Path, cfg: Any, work
         n_workers = min(workers, len(cases))
         if n_workers <= 1:
             for case in cases:
-                collect(_safe_process(case, out, data_cfg, data_hash))
+                collect(_safe_process(case, out, data_cfg, data_hash, register))
         else:
             pool = ProcessPoolExecutor(max_workers=n_workers, mp_context=_pool_context(), initializer=_init_worker,
                                        initargs=(os.getpid(),))
             try:
-                futures = {pool.submit(_safe_process, case, out, data_cfg, data_hash): case for case in cases}
+                futures = {pool.submit(_safe_process, case, out, data_cfg, data_hash, register): case for case in cases}
                 for future in as_completed(futures):
                     case = futures[future]
                     try:
@@ -282,9 +355,11 @@ def _run_locked(cases: list[Case], ignored: list[str], out: Path, cfg: Any, work
             "ct": "ct" in record["modalities"],
             "paired": bool(record["paired"]),
             "n_tiles": int(record["n_tiles"]),
+            **({"head": bool(record["body_part"]["is_head"])} if "body_part" in record else {}),
         }
         for cid, record in finished.items()
     }
+    notes = {cid: "; ".join(case_notes(record)) for cid, record in sorted(finished.items()) if case_notes(record)}
     manifest_path = out / cache.MANIFEST
     if entries:
         extra = {"inputs": {"data": str(Path(data).resolve()) if data is not None else None,
@@ -307,7 +382,10 @@ def _run_locked(cases: list[Case], ignored: list[str], out: Path, cfg: Any, work
         "val": sum(e["split"] == "val" for e in entries.values()),
         "failures": failures,
         "ignored": ignored,
+        "warnings": notes,
     }
+    for cid, note in notes.items():  # one line per case, before the summary line (also with --quiet: warnings)
+        print(f"medcycle preprocess: warning: {cid}: {note}", file=sys.stderr)
     summary_line(
         "preprocess",
         f"{summary['done']} done, {summary['skipped']} skipped (unchanged), {summary['failed']} failed, "

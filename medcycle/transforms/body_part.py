@@ -11,7 +11,7 @@ each criterion alone separates the two chest CTs from all ten heads.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -47,6 +47,18 @@ class BodyPart:
     def verdict(self) -> str:
         return "head" if self.is_head else "not a head: " + "; ".join(self.reasons)
 
+    def notes(self) -> list:
+        """What to tell the user: the verdict when not a head, then the warnings (empty: nothing to say)."""
+        return ([f"not a head ({'; '.join(self.reasons)})"] if self.reasons else []) + list(self.warnings)
+
+    def record(self) -> dict:
+        """A JSON-serialisable summary for a case's record."""
+        return {"verdict": self.verdict, "is_head": self.is_head, "width_mm": round(self.width_mm, 1),
+                "depth_mm": round(self.depth_mm, 1), "area_cm2": round(self.area_cm2, 1),
+                "air_cm3": None if self.air_cm3 is None else round(self.air_cm3, 1),
+                "border_slices_percent": round(self.border_slices_percent, 1),
+                "filled_percent": round(self.filled_percent, 1), "notes": self.notes()}
+
 
 def head_check(mask: ArrayLike, spacing: Sequence[float], ct_hu: Optional[ArrayLike] = None) -> BodyPart:
     """Measure the body in boolean (X, Y, Z) `mask` (axial slices along the last axis) with voxels of
@@ -80,4 +92,14 @@ def head_check(mask: ArrayLike, spacing: Sequence[float], ct_hu: Optional[ArrayL
     return BodyPart(width, depth, float(areas[z]) * sx * sy / 100.0, air, border, filled, reasons, warnings)
 
 
-__all__ = ["BodyPart", "HEAD_MAX_AIR_CM3", "HEAD_MAX_WIDTH_MM", "HEAD_MAX_WIDTH_TO_DEPTH", "head_check"]
+def trained_anatomy(cases: Mapping[str, Mapping]) -> str:
+    """What a model trained on the ``train`` cases of a cache manifest's `cases` knows: ``head`` when
+    every one was checked a head, ``other`` when one was not, ``unknown`` when one was never checked
+    (caches of older versions)."""
+    heads = [entry.get("head") for entry in cases.values() if entry.get("split", "train") == "train"]
+    if any(head is False for head in heads):
+        return "other"
+    return "head" if heads and all(head is True for head in heads) else "unknown"
+
+
+__all__ = ["BodyPart", "HEAD_MAX_AIR_CM3", "HEAD_MAX_WIDTH_MM", "HEAD_MAX_WIDTH_TO_DEPTH", "head_check", "trained_anatomy"]
