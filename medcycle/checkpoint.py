@@ -83,6 +83,9 @@ def load_weights_only(path: Path, map_location: str | torch.device = "cpu", what
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         named = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if not named and "Unsupported operand" in str(exc):  # garbage, or opcodes no torch.save writes
+            raise InputError(f"{path}: not a readable {what}: not a plain torch.save of tensors and values (corrupt, "
+                             "or a pickle medcycle will not run)") from None
         reason = f"it names {named.group(1)}" if named else "it is not a plain torch.save of tensors and values"
         raise InputError(f"{path}: refused: loading this {what} could run code ({reason}); medcycle loads "
                          "only weights and plain values") from None

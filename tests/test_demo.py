@@ -85,7 +85,7 @@ def test_quiet_demo_prints_only_its_summary_line_and_passes_the_device_on(tmp_pa
                     (Path(kwargs["out"]) / f"phantom_{i:03d}").mkdir(parents=True)
             if name == "evaluate":
                 Path(kwargs["out"]).mkdir(parents=True)
-                (Path(kwargs["out"]) / "summary.json").write_text(json.dumps({"mae": {"mean": 150.0}}))
+                (Path(kwargs["out"]) / "summary.json").write_text(json.dumps({"mae": {"mean": 150.0}, "dose": {"skipped": "no"}}))
             print(f"medcycle {name}: its own summary line")  # a step's line: dropped with --quiet
         return job
 
