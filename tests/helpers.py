@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+import torch
 from pydicom.dataset import Dataset
 from scipy.spatial.transform import Rotation
 
@@ -320,3 +321,14 @@ def tiny_head(shape=(52, 56, 22), spacing=(3.0, 3.0, 3.0), skull_mm=6.0) -> np.n
     sinus = ((mm[0] / 12) ** 2 + ((mm[1] - 55) / 8) ** 2 + ((mm[2] - 10) / 10) ** 2) <= 1
     hu[sinus] = -1000.0
     return hu
+
+
+class Constant(torch.nn.Module):
+    """A generator that outputs one known value everywhere (conversion tests know their HU)."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return torch.full_like(x, self.value)

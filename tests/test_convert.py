@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from helpers import make_checkpoint
+from helpers import Constant, make_checkpoint
 from medcycle.errors import InputError, MedcycleError, UsageError
 from helpers import oblique_affine as _oblique
 from helpers import permuted_affine as flipped_affine
@@ -63,15 +63,6 @@ def sitk_geometry(path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
 class Identity(torch.nn.Module):
     def forward(self, x):
         return x
-
-
-class Constant(torch.nn.Module):
-    def __init__(self, value: float):
-        super().__init__()
-        self.value = value
-
-    def forward(self, x):
-        return torch.full_like(x, self.value)
 
 
 def use_generator(monkeypatch, module: torch.nn.Module) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_checkpoint, phantom_mr, write_nifti
+from helpers import Constant, make_checkpoint, phantom_mr, write_nifti
 from medcycle import cli
 from medcycle.errors import InputError, UsageError
 
@@ -201,15 +201,6 @@ def test_a_checkpoint_written_by_the_trainer_loads_with_weights_only(tmp_path):
 
 # --------------------------------------------------------------------------------------------------
 # ensembles and uncertainty
-
-
-class Constant(torch.nn.Module):
-    def __init__(self, value: float):
-        super().__init__()
-        self.value = value
-
-    def forward(self, x):
-        return torch.full_like(x, self.value)
 
 
 def constant_members(monkeypatch, values: dict[str, float]) -> None:
