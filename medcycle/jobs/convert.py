@@ -7,7 +7,8 @@ One case:
    retyped on the command line;
 2. the MRI is read once (:func:`medcycle.io.load_volume`) and put on the model grid by the shared
    MONAI transforms (:func:`medcycle.transforms.volume_transforms`): oriented, resampled in-plane,
-   body mask (``--mask``, or computed from the MR), MR normalised to [-1, 1];
+   body mask (``--mask``, or computed from the MR), MR normalised to [-1, 1]; a scan that is not a
+   head is refused when the model was trained on heads (``allow_other_anatomy`` converts it anyway);
 3. :func:`medcycle.inferers.synthesize` runs the generator over every axial slice (sliding windows
    on the body's region, 2.5D context, bf16 on CPUs that have it, by default the mean over the four
    in-plane mirrorings: ``tta``);
