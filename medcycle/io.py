@@ -45,6 +45,19 @@ def ras_affine_to_sitk(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[flo
     return tuple(lps[:3, 3].tolist()), tuple(spacing.tolist()), tuple(direction.ravel().tolist())
 
 
+def sitk_image(array: np.ndarray, affine: np.ndarray, pixel_type: int | None = None) -> sitk.Image:
+    """An (X, Y, Z) array as a SimpleITK image on the grid of a voxel-to-RAS `affine` (the inverse of
+    :meth:`SimpleITKReader.get_data`), cast to `pixel_type` when given."""
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(np.asarray(array), (2, 1, 0))))  # (Z, Y, X)
+    if pixel_type is not None:
+        image = sitk.Cast(image, pixel_type)
+    origin, spacing, direction = ras_affine_to_sitk(affine)
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    return image
+
+
 def is_dicom_series(folder: str | os.PathLike) -> bool:
     """True when `folder` holds DICOM files (a series, checked when it is read)."""
     from medcycle.dicom import is_dicom_folder
@@ -275,6 +288,7 @@ __all__ = [
     "is_dicom_series",
     "load_volume",
     "ras_affine_to_sitk",
+    "sitk_image",
     "save_nifti",
     "sitk_to_ras_affine",
     "validate_array",

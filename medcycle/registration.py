@@ -41,7 +41,7 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from medcycle.errors import InputError
-from medcycle.io import LPS_TO_RAS, ras_affine_to_sitk  # LPS_TO_RAS is its own inverse
+from medcycle.io import LPS_TO_RAS, sitk_image  # LPS_TO_RAS is its own inverse
 from medcycle.transforms import compute_body_mask
 
 MIN_DICE = 0.8  # body masks (fixed vs moving resampled) inside the common field of view
@@ -151,24 +151,9 @@ def transform_error(estimated: np.ndarray, truth: np.ndarray, points: np.ndarray
 # numpy/RAS <-> SimpleITK/LPS
 
 
-def _sitk_image(array: np.ndarray, affine: np.ndarray, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)))  # (Z, Y, X)
-    image = sitk.Cast(image, pixel_type)
-    origin, spacing, direction = ras_affine_to_sitk(affine)
-    image.SetOrigin(origin)
-    image.SetSpacing(spacing)
-    image.SetDirection(direction)
-    return image
-
-
 def _grid_image(shape: Sequence[int], affine: np.ndarray) -> sitk.Image:
     """An empty image carrying a grid, as the reference of a resampling."""
-    image = sitk.Image([int(s) for s in shape], sitk.sitkUInt8)
-    origin, spacing, direction = ras_affine_to_sitk(affine)
-    image.SetOrigin(origin)
-    image.SetSpacing(spacing)
-    image.SetDirection(direction)
-    return image
+    return sitk_image(np.zeros(tuple(int(v) for v in shape), dtype=np.uint8), affine)
 
 
 def _array(image: sitk.Image) -> np.ndarray:
@@ -213,7 +198,7 @@ def resample_onto(moving: np.ndarray, moving_affine: np.ndarray, transform: Tran
     """
     if interpolator not in INTERPOLATORS:
         raise ValueError(f"interpolator must be one of {sorted(INTERPOLATORS)}, got {interpolator!r}")
-    resampled = sitk.Resample(_sitk_image(moving, moving_affine), _grid_image(fixed_shape, fixed_affine),
+    resampled = sitk.Resample(sitk_image(moving, moving_affine, sitk.sitkFloat32), _grid_image(fixed_shape, fixed_affine),
                               _itk_transform(_matrix_of(transform)), INTERPOLATORS[interpolator],
                               float(default_value), sitk.sitkFloat32)
     return _array(resampled)
@@ -367,9 +352,9 @@ def register_rigid(fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarr
     # first steps turn the head by radians and it stops early in flat valleys, millimetres off)
     centre = _centroid(fixed_body, fixed_affine)
     to_units = np.diag([1.0 / _radius(fixed_body, fixed_affine, centre)] * 3 + [1.0])
-    fixed_image = _sitk_image(fixed, to_units @ fixed_affine)
-    moving_image = _sitk_image(moving, to_units @ moving_affine)
-    region_image = _sitk_image(region, to_units @ fixed_affine, sitk.sitkUInt8)
+    fixed_image = sitk_image(fixed, to_units @ fixed_affine, sitk.sitkFloat32)
+    moving_image = sitk_image(moving, to_units @ moving_affine, sitk.sitkFloat32)
+    region_image = sitk_image(region, to_units @ fixed_affine, sitk.sitkUInt8)
     # the starting pose is a fixed part of the transform, so the optimiser's bounds
     # (MAX_STEP_FROM_START) count from there
     centre_units = to_units[:3, :3] @ centre

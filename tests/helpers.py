@@ -19,7 +19,7 @@ from medcycle.checkpoint import save_checkpoint
 from medcycle.config import Config, config_hash, load_config
 from medcycle.data.cache import write_case, write_manifest
 from medcycle.dicom import _save
-from medcycle.io import ras_affine_to_sitk
+from medcycle.io import ras_affine_to_sitk, sitk_image
 
 
 def oblique_affine(spacing=(0.8, 0.8, 3.0), angles=(12.0, -8.0, 20.0), origin=(-30.5, 12.25, -7.0)) -> np.ndarray:
@@ -50,18 +50,6 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, sform_code: i
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, str(path))
     return path
-
-
-def sitk_image(array: np.ndarray, affine: np.ndarray, pixel_type=None) -> sitk.Image:
-    """A SimpleITK image of an (X, Y, Z) array on the grid of a voxel-to-RAS `affine`."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
-    if pixel_type is not None:
-        image = sitk.Cast(image, pixel_type)
-    origin, spacing, direction = ras_affine_to_sitk(affine)
-    image.SetOrigin(origin)
-    image.SetSpacing(spacing)
-    image.SetDirection(direction)
-    return image
 
 
 def write_mha(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:

@@ -21,10 +21,10 @@ from helpers import Constant, make_checkpoint
 from medcycle.errors import InputError, MedcycleError, UsageError
 from helpers import oblique_affine as _oblique
 from helpers import permuted_affine as flipped_affine
-from helpers import phantom_mr
+from helpers import phantom_mr, write_mha
 from helpers import write_nifti as _write_nifti
 from medcycle.files import file_checksum
-from medcycle.io import ras_affine_to_sitk, sitk_to_ras_affine
+from medcycle.io import sitk_to_ras_affine
 
 # --------------------------------------------------------------------------------------------------
 # helpers
@@ -38,16 +38,6 @@ def oblique_affine(spacing=(0.8, 1.3, 2.5), **kwargs) -> np.ndarray:
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, qform_code: int = 1, sform_code: int = 2) -> Path:
     """Different sform and qform codes, so keeping both shows."""
     return _write_nifti(path, array, affine, sform_code=sform_code, qform_code=qform_code)
-
-
-def write_sitk(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
-    image = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)).astype(np.float32))
-    origin, spacing, direction = ras_affine_to_sitk(affine)
-    image.SetOrigin(origin)
-    image.SetSpacing(spacing)
-    image.SetDirection(direction)
-    sitk.WriteImage(image, str(path))
-    return path
 
 
 def sitk_geometry(path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -120,7 +110,7 @@ def test_mha_and_dicom_inputs_keep_simpleitk_geometry(tmp_path, kind):
     affine = oblique_affine(spacing=(0.9, 1.2, 2.0))
     array = phantom_mr((36, 28, 6))
     if kind == "mha":
-        source = write_sitk(tmp_path / "mr.mha", array, affine)
+        source = write_mha(tmp_path / "mr.mha", array, affine)
     else:
         source = tmp_path / "mr_dicom"
         write_ct_series(source, array, affine)
@@ -414,7 +404,7 @@ def test_flat_folder_of_volumes(tmp_path):
     flat = tmp_path / "flat"
     flat.mkdir()
     write_nifti(flat / "p1.nii.gz", phantom_mr((30, 26, 5)), np.diag([1.0, 1.0, 2.0, 1.0]))
-    write_sitk(flat / "p2.mha", phantom_mr((26, 30, 5)), oblique_affine(spacing=(1.0, 1.0, 2.0)))
+    write_mha(flat / "p2.mha", phantom_mr((26, 30, 5)), oblique_affine(spacing=(1.0, 1.0, 2.0)))
     p1_mask = np.zeros((30, 26, 5), dtype=np.float32)
     p1_mask[10:20, 10:20, 1:4] = 1
     write_nifti(flat / "p1_mask.nii.gz", p1_mask, np.diag([1.0, 1.0, 2.0, 1.0]))

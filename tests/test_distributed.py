@@ -2,6 +2,7 @@
 a signal or the wall clock stops every rank at the same iteration, and `torchrun -m medcycle train` works."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from medcycle.checkpoint import load_checkpoint
 from helpers import make_cache
@@ -80,6 +82,14 @@ def _worker(rank: int, port: int, cache: str, out: str, overrides: list, results
     from medcycle.errors import MedcycleError
 
     report: dict = {}
+    close = distributed.DistContext.close
+
+    def counting_close(self) -> None:  # DDP still alive here would destroy the group holding the GIL (a hang)
+        gc.collect()
+        report.setdefault("ddp_alive_at_close", sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects()))
+        close(self)
+
+    distributed.DistContext.close = counting_close
     ctx = distributed.setup("cpu") if grad_check else None  # the group, for the check before training
     try:
         if grad_check:
@@ -111,6 +121,7 @@ def test_ddp_averages_gradients_and_keeps_the_ranks_identical(cache, tmp_path):
     reports = _reports(results)
     assert all(r["grad_error"] < 1e-5 for r in reports), reports
     assert [r["threads_left"] for r in reports] == [[], []]
+    assert [r["ddp_alive_at_close"] for r in reports] == [0, 0]
     assert reports[0]["iteration"] == reports[1]["iteration"] == 6
     assert reports[0]["digest"] == reports[1]["digest"]  # different data on each rank, identical weights
     state = load_checkpoint(out / "last.pt")
@@ -148,6 +159,7 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_iteration(cache, tmp_p
     reports = _reports(results)
     assert reports[0]["code"] == reports[1]["code"] == 128 + signal.SIGTERM
     assert [r["threads_left"] for r in reports] == [[], []]
+    assert [r["ddp_alive_at_close"] for r in reports] == [0, 0]  # released before the group, also on a signal
     assert [p.exitcode for p in context.processes] == [0, 0]
     assert "stopped by SIGTERM at iteration" in reports[0]["error"]
     stopped_at = int(reports[0]["error"].split("at iteration ")[1].split(";")[0])

@@ -233,8 +233,6 @@ class _Session:
             self._restore(state)
         if train.compile:
             _compile(self.trainer, config)
-        if ctx.distributed:
-            self.trainer.wrap_ddp()
         if state is not None:
             set_rng_state(state["rng"])  # last: nothing after this draws from the global generators
 
@@ -314,6 +312,8 @@ class _Session:
         losses = _LossWindow(self.start)
         batches: Iterator[Any] = iter(self._loader())
         t0 = time.perf_counter()
+        if self.ctx.distributed:
+            self.trainer.wrap_ddp()  # only around the loop: released before the process group goes
         try:
             with _Signals() as signals:
                 while True:
@@ -323,6 +323,7 @@ class _Session:
                         return "finished" if tick.done else f"stopped after iteration {tick.iteration}"
         finally:
             del batches  # stop the DataLoader's workers now
+            self.trainer.release_ddp()
 
     def _step(self, batch: Mapping[str, Any], signals: _Signals, t0: float, stop_after: Optional[int],
               losses: _LossWindow) -> _Tick:

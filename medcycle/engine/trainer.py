@@ -31,8 +31,11 @@ Speed and scale-out:
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import random
+import sys
+import traceback
 import warnings
 from typing import Any, Iterable, Mapping, Optional
 
@@ -225,6 +228,26 @@ class CycleGANTrainer:
 
             for p in self.D.parameters():
                 dist.broadcast(p.data, 0)
+
+    def release_ddp(self) -> None:
+        """Unwrap what :meth:`wrap_ddp` wrapped and free the DDP reducers, while the process group exists.
+
+        A reducer freed after ``destroy_process_group()`` holds the group's last reference and destroys it
+        holding the GIL, while a gloo thread, freeing the tensor of the last collective, waits for the GIL:
+        the process hangs. Freed here, the group is destroyed later from Python, which releases the GIL.
+        """
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        if not isinstance(self.G_train, DDP) and not isinstance(self.D_train, DDP):
+            return
+        failure = sys.exc_info()[1]
+        if failure is not None:  # the frames of a step that failed inside DDP's forward still hold it
+            traceback.clear_frames(failure.__traceback__)
+        if isinstance(self.G_train, DDP):
+            self.G_train = self.G_train.module
+        if isinstance(self.D_train, DDP):
+            self.D_train = self.D_train.module
+        gc.collect()  # a DDP module sits in reference cycles
 
     def compile(self) -> bool:
         """``torch.compile`` the four networks in place (for the training step only); False when unavailable."""
