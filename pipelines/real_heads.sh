@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Real anatomy, unpaired: real head MRs and CTs -> CycleGAN (15 min on a CPU) -> held-out Colin27 sCT -> figures.
+# Real anatomy: real head MRs and CTs (unpaired) + registered phantom pairs -> CycleGAN (15 min on a CPU) ->
+# held-out Colin27 sCT -> figures.
 #   pipelines/real_heads.sh DATA WORK [CONFIG]
 # DATA is what `python benchmarks/real_scans.py fetch --out DATA` writes: DATA/mr/ and DATA/ct/ (training, the
 # unpaired two-folder layout), DATA/heldout/colin27_t1.nii.gz (never trained on, converted), DATA/reference/
-# (the CT head template and the skull-stripped MNI152, only for the figures). WORK receives cache/, run/, sct/,
-# report/ (figures.md, figures.json, sct.png). CONFIG defaults to the built-in real_heads_cpu.
+# (the CT head template and the skull-stripped MNI152, only for the figures). No registry ships a registered real
+# pair, so 8 phantom pairs (WORK/phantom) go into the same cache: with loss.pairing=hybrid they teach the MR-to-CT
+# intensity relation, the real scans the anatomy. WORK receives phantom/, cache/, run/, sct/, report/
+# (figures.md, figures.json, sct.png). CONFIG defaults to the built-in real_heads_cpu.
 # Re-running continues where it stopped (cached cases, --resume) and converts again.
 set -euo pipefail
 data=${1:?DATA}; work=${2:?WORK}; config=${3:-real_heads_cpu}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 
-python -m medcycle preprocess --mr-dir "$data/mr" --ct-dir "$data/ct" --out "$work/cache" --config "$config"
+python -m medcycle phantom --out "$work/phantom" --cases 8
+python -m medcycle preprocess --data "$work/phantom" --mr-dir "$data/mr" --ct-dir "$data/ct" --out "$work/cache" \
+  --config "$config"
 resume=(); [ -f "$work/run/last.pt" ] && resume=(--resume)
 python -m medcycle train --config "$config" --data "$work/cache" --out "$work/run" "${resume[@]}"
 python -m medcycle convert -i "$data/heldout/colin27_t1.nii.gz" -o "$work/sct/colin27_sct.nii.gz" \

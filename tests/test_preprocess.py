@@ -124,6 +124,32 @@ def test_unpaired_two_folder_layout(tmp_path):
     assert "mr_low" not in ct_tiles.record["normalisation"]
 
 
+def test_paired_cases_and_unpaired_folders_make_one_cache_for_hybrid_training(tmp_path):
+    """The real-heads recipe: registered pairs (--data) and unpaired real scans (--mr-dir, --ct-dir) in
+    one call; validation comes from the pairs only, and hybrid items carry a partner only for them."""
+    from medcycle.data.dataset import TileDataset
+
+    make_case(tmp_path / "pairs" / "p1", 1)
+    make_case(tmp_path / "pairs" / "p2", 2)
+    mr, _, _, _, _ = synthetic_head(SHAPE, seed=5)
+    _, ct, _, _, _ = synthetic_head(SHAPE, seed=6)
+    write_nifti(tmp_path / "mr" / "real.nii.gz", mr, AFFINE, dtype=np.int16)
+    write_nifti(tmp_path / "ct" / "real.nii.gz", ct, AFFINE, dtype=np.int16)
+    cache = tmp_path / "cache"
+    summary = preprocess.run(out=cache, data=tmp_path / "pairs", mr_dir=tmp_path / "mr", ct_dir=tmp_path / "ct",
+                             overrides=[*OVERRIDES, "data.val_cases=1"])
+    assert summary["done"] == 4 and (summary["train"], summary["val"]) == (3, 1)
+    manifest = load_manifest(cache)
+    assert {k: (c["split"], c["paired"]) for k, c in manifest["cases"].items()} == {
+        "p1": ("train", True), "p2": ("val", True), "mr_real": ("train", False), "ct_real": ("train", False)}
+    ds = TileDataset(cache, manifest, pairing="hybrid", augment=False)
+    has_partner = {}
+    for index in range(len(ds)):
+        case = ds.mr_refs[index][0]
+        has_partner.setdefault(case, set()).add(bool(ds[index]["has_ct_reg"]))
+    assert has_partner == {"p1": {True}, "mr_real": {False}}
+
+
 def test_25d_tiles_have_context_channels(tmp_path, dataset):
     cache = tmp_path / "cache"
     run(cache, dataset, "data.context_slices=3")

@@ -115,8 +115,11 @@ def test_real_anatomy_resamples_through_world_space_and_scores_bone_and_brain():
     template[1, 1:9, 1:9] = 700.0  # a bone plate
     sct = template.copy()
     sct[3, 3:7, 3:7] = 400.0  # "bone" in the brain: 16 of its 64 voxels
-    result = ra.figures(sct, {"head": head, "brain": brain, "template": template})
+    cranium = head.copy()
+    cranium[:, :, :5] = False  # above a level: the false bone's lower half and the plate's lower half are out
+    result = ra.figures(sct, {"head": head, "brain": brain, "cranium": cranium, "template": template})
     bone_ref, bone_sct = 64, 64 + 16
     assert result["bone_dice"] == pytest.approx(2 * 64 / (bone_ref + bone_sct))
+    assert result["cranial_bone_dice"] == pytest.approx(2 * 32 / (32 + 32 + 8))
     assert result["brain_bone_percent"] == pytest.approx(25.0) and result["brain_median_hu"] == pytest.approx(30.0)
     assert result["mae_head_hu"] == pytest.approx(16 * 370.0 / head.sum())
