@@ -74,6 +74,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     augment: bool = True
+    mr_gamma: tuple[float, float] = (1.0, 1.0)  # range of the gamma bending each MR tile's contrast; (1, 1): off
     workers: int = 2
     seed: int = 0
     deterministic: bool = False
@@ -130,6 +131,7 @@ class Config:
         _check(t.batch_size >= 1, "train.batch_size", "must be >= 1", t.batch_size)
         _check(0 < t.lr <= MAX_LR, "train.lr", f"must be in (0, {MAX_LR:g}] (the published CycleGAN uses 2e-4)", t.lr)
         _check(all(0 <= b < 1 for b in t.betas), "train.betas", "must be in [0, 1)", list(t.betas))
+        _check(0 < t.mr_gamma[0] <= t.mr_gamma[1], "train.mr_gamma", "must be a range 0 < low <= high", list(t.mr_gamma))
         _check(0 <= t.decay_from <= 1, "train.decay_from", "must be in [0, 1]", t.decay_from)
         _check(t.pool_size >= 0, "train.pool_size", "must be >= 0", t.pool_size)
         _check(t.workers >= 0, "train.workers", "must be >= 0", t.workers)

@@ -138,6 +138,30 @@ def test_unpaired_ct_gets_its_own_augmentation(mixed):
     assert own == len(ds) and shared < len(ds) // 2
 
 
+def test_mr_gamma_bends_only_the_mr_contrast_keeping_its_range(mixed):
+    ds = dataset(mixed, pairing="hybrid", augment=False, seed=3, mr_gamma=(0.5, 2.0))
+    gammas = []
+    for i in range(len(ds)):
+        item = ds[(0, i, i)]
+        original = torch.from_numpy(raw(mixed, *ds.mr_refs[i], "mr"))
+        lo, hi = original.min(), original.max()
+        torch.testing.assert_close(item["mr"].min(), lo)
+        torch.testing.assert_close(item["mr"].max(), hi)
+        unit, bent = (original - lo) / (hi - lo), (item["mr"] - lo) / (hi - lo)
+        inner = (unit > 0.05) & (unit < 0.95)
+        gamma = torch.log(bent[inner]) / torch.log(unit[inner])  # one gamma per tile: the same at every voxel
+        assert float(gamma.std()) < 1e-3 and 0.5 - 1e-3 <= float(gamma.mean()) <= 2.0 + 1e-3
+        gammas.append(float(gamma.mean()))
+        np.testing.assert_array_equal(item["ct"].numpy(), raw(mixed, item["ct_case"], item["ct_tile"], "ct"))
+        if item["has_ct_reg"]:  # the registered partners keep their contrast
+            torch.testing.assert_close(item["ct_reg"], -original, rtol=0, atol=0)
+        if item["has_mr_reg"]:
+            torch.testing.assert_close(item["mr_reg"], -item["ct"], rtol=0, atol=0)
+    assert max(gammas) - min(gammas) > 0.5  # drawn anew for each item
+    with pytest.raises(Exception, match="train.mr_gamma"):
+        load_config(None, ["train.mr_gamma=[1.5,0.8]"])
+
+
 def test_without_augmentation_the_tiles_are_unchanged(mixed):
     ds = dataset(mixed, augment=False)
     item = ds[(4, 0, 7)]

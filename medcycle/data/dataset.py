@@ -26,6 +26,8 @@
   padding, i.e. the background -1 continues). Tiles are never cropped: instance norm must see in
   training the statistics it sees in conversion. A registered partner is transformed together with its
   tile (one draw, the same flip and affine); the independently drawn CT gets its own draw.
+  ``train.mr_gamma`` bends the contrast of each MR tile (not of its registered partner's CT, nor of
+  a registered MR partner) by a gamma drawn from that range, for MRs of other scanners and sequences.
 """
 from __future__ import annotations
 
@@ -103,21 +105,27 @@ def cases_fingerprint(cache_dir: str | os.PathLike, manifest: Mapping[str, Any])
 # augmentation
 
 
-def build_augmentation(keys: Sequence[str], augment: bool) -> Optional[Any]:
-    """MONAI Compose applied to one tile and its registered partner (same draw for every key in `keys`).
+def build_augmentation(keys: Sequence[str], augment: bool,
+                       mr_gamma: tuple[float, float] = (1.0, 1.0)) -> Optional[Any]:
+    """MONAI Compose applied to one tile and its registered partner (same draw for every key in `keys`);
+    with a `mr_gamma` range other than (1, 1), the ``mr`` key's contrast is then bent by a gamma drawn
+    from it (``RandAdjustContrastd``: the tile's minimum, the background, and its maximum stay put).
 
-    Returns None without augmentation.
+    Returns None when there is nothing to apply.
     """
-    if not augment:
-        return None
-    from monai.transforms import Compose, RandAffined, RandFlipd
+    from monai.transforms import Compose, RandAdjustContrastd, RandAffined, RandFlipd
 
     keys = list(keys)
-    return Compose([
-        RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),  # tile axis 0 is x (left-right)
-        RandAffined(keys, prob=0.5, rotate_range=(math.radians(ROTATION_DEG),), scale_range=(SCALE, SCALE),
-                    mode="bilinear", padding_mode="border", allow_missing_keys=True),
-    ])
+    transforms = []
+    if augment:
+        transforms += [
+            RandFlipd(keys, prob=0.5, spatial_axis=0, allow_missing_keys=True),  # tile axis 0 is x (left-right)
+            RandAffined(keys, prob=0.5, rotate_range=(math.radians(ROTATION_DEG),), scale_range=(SCALE, SCALE),
+                        mode="bilinear", padding_mode="border", allow_missing_keys=True),
+        ]
+    if "mr" in keys and tuple(mr_gamma) != (1.0, 1.0):
+        transforms.append(RandAdjustContrastd(["mr"], prob=1.0, gamma=tuple(mr_gamma)))
+    return Compose(transforms) if transforms else None
 
 
 def _apply(transform: Optional[Any], sample: dict[str, np.ndarray], seed: int) -> dict[str, torch.Tensor]:
@@ -164,7 +172,8 @@ class TileDataset(Dataset):
     """
 
     def __init__(self, cache_dir: str | os.PathLike, manifest: Mapping[str, Any], split: str = "train",
-                 pairing: str = "unpaired", augment: bool = True, seed: int = 0) -> None:
+                 pairing: str = "unpaired", augment: bool = True, seed: int = 0,
+                 mr_gamma: tuple[float, float] = (1.0, 1.0)) -> None:
         if pairing not in ("unpaired", "paired", "hybrid"):
             raise ValueError(f"unknown pairing {pairing!r}")
         self.cache_dir = Path(cache_dir)
@@ -190,7 +199,7 @@ class TileDataset(Dataset):
                 raise InputError(f"{where} has no CT tiles to train on")
         self.paired_cases = set(select_cases(manifest, split, paired=True))
         self._store = _CaseStore(self.cache_dir, manifest)
-        self._mr_transform = build_augmentation(["mr", "ct", "ct_reg"], self.augment)
+        self._mr_transform = build_augmentation(["mr", "ct", "ct_reg"], self.augment, mr_gamma)
         self._ct_transform = build_augmentation(["ct", "mr_reg"], self.augment)
 
     def __len__(self) -> int:

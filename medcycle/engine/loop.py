@@ -223,7 +223,8 @@ class _Session:
             check_new_run(run_dir)
 
         seed_everything(train.seed, train.deterministic)
-        self.dataset = TileDataset(cache_dir, self.manifest, "train", config.loss.pairing, train.augment, train.seed)
+        self.dataset = TileDataset(cache_dir, self.manifest, "train", config.loss.pairing, train.augment, train.seed,
+                                   train.mr_gamma)
         self.sampler = EpochSampler(len(self.dataset), train.seed, train.batch_size, ctx.rank, ctx.world)
         self.trainer = CycleGANTrainer(config, ctx.device)
         self.metrics: dict[str, Any] = {"best_val_mae": None, "best_iteration": None, "history": []}
