@@ -7,7 +7,8 @@
 # (the CT head template and the skull-stripped MNI152, only for the figures). No registry ships a registered real
 # pair, so 8 phantom pairs (WORK/phantom) go into the same cache: with loss.pairing=hybrid they teach the MR-to-CT
 # intensity relation, the real scans the anatomy. WORK receives phantom/, cache/, run/, sct/, report/
-# (figures.md, figures.json, sct.png). CONFIG defaults to the built-in real_heads_cpu.
+# (figures.md, figures.json, sct.png; with a row for the real head CT registered onto the template, the figures'
+# ceiling). CONFIG defaults to the built-in real_heads_cpu.
 # Re-running continues where it stopped (cached cases, --resume) and converts again.
 set -euo pipefail
 data=${1:?DATA}; work=${2:?WORK}; config=${3:-real_heads_cpu}
@@ -20,5 +21,6 @@ resume=(); [ -f "$work/run/last.pt" ] && resume=(--resume)
 python -m medcycle train --config "$config" --data "$work/cache" --out "$work/run" "${resume[@]}"
 python -m medcycle convert -i "$data/heldout/colin27_t1.nii.gz" -o "$work/sct/colin27_sct.nii.gz" \
   --model "$work/run" --overwrite
+reference=(); [ -f "$data/ct/invesalius_cranium.nii.gz" ] && reference=(--real-ct "$data/ct/invesalius_cranium.nii.gz")
 python "$repo/benchmarks/real_anatomy.py" --data "$data" --sct "real heads=$work/sct/colin27_sct.nii.gz" \
-  --out "$work/report"
+  --out "$work/report" "${reference[@]}"

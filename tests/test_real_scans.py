@@ -123,3 +123,45 @@ def test_real_anatomy_resamples_through_world_space_and_scores_bone_and_brain():
     assert result["cranial_bone_dice"] == pytest.approx(2 * 32 / (32 + 32 + 8))
     assert result["brain_bone_percent"] == pytest.approx(25.0) and result["brain_median_hu"] == pytest.approx(30.0)
     assert result["mae_head_hu"] == pytest.approx(16 * 370.0 / head.sum())
+
+
+def _skull_head(shape: tuple[int, int, int], affine: np.ndarray, scale: float, shift_mm: np.ndarray) -> np.ndarray:
+    """HU of an ellipsoidal head (soft tissue, a 6 mm skull, a dark block at one side so the pose is unique),
+    `scale` times the reference size, moved by `shift_mm`, sampled on (shape, affine)."""
+    index = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    world = (affine[:3, :3] @ index + affine[:3, 3:4]).reshape((3,) + shape)
+    x, y, z = ((world[i] - shift_mm[i]) / scale for i in range(3))
+    radius = np.sqrt((x / 30.0) ** 2 + (y / 38.0) ** 2 + (z / 34.0) ** 2)
+    hu = np.where(radius < 1.0, 40.0, -1000.0)
+    hu[(radius > 0.80) & (radius < 0.95)] = 1200.0
+    hu[(radius < 0.6) & (x > 5.0) & (y > 10.0)] = -1000.0  # an air cavity off the centre: breaks the symmetry
+    return hu.astype(np.float32)
+
+
+def test_a_real_ct_is_registered_affinely_onto_the_template_without_its_head_holder(tmp_path):
+    """The figures' ceiling row: a head CT on another grid, 8 % larger, moved, with a bone-bright head holder
+    below it, lands on the template's skull once registered (holder removed), and only then."""
+    import nibabel as nib
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import real_anatomy as ra
+
+    template_affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    template_affine[:3, 3] = -48.0
+    template = _skull_head((33, 33, 33), template_affine, 1.0, np.zeros(3))
+    ct_affine = np.diag([2.5, 2.5, 3.5, 1.0])
+    ct_affine[:3, 3] = (-60.0, -60.0, -55.0)
+    ct = _skull_head((48, 48, 32), ct_affine, 1.08, np.array([6.0, -5.0, 4.0]))
+    ct[:, 2:4, :] = 1500.0  # a plate under the head, touching nothing: not body
+    nib.save(nib.Nifti1Image(template, template_affine), str(tmp_path / "template.nii.gz"))
+    nib.save(nib.Nifti1Image(ct, ct_affine), str(tmp_path / "ct.nii.gz"))
+
+    warped, affine, metric = ra.register_onto_template(tmp_path / "ct.nii.gz", tmp_path / "template.nii.gz")
+    np.testing.assert_array_equal(affine, template_affine)
+    assert warped.shape == template.shape and metric < 0
+    bone = template >= 300
+    unregistered = ra.resample_onto(ct, ct_affine, template.shape, template_affine, order=1, cval=-1024.0)
+    assert ra.dice(np.nan_to_num(warped, nan=-1024.0) >= 300, bone) > 0.8
+    assert ra.dice(unregistered >= 300, bone) < 0.5
+    from scipy import ndimage
+    around_head = ndimage.binary_dilation(template > -500, iterations=1)
+    assert not ((np.nan_to_num(warped, nan=-1024.0) >= 300) & ~around_head).any()  # no holder: air outside the head
