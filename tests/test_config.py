@@ -20,8 +20,17 @@ def test_defaults_follow_the_published_cyclegan():
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_shipped_configs_are_valid(name):
+    """Valid, and listing every key of today's schema and no removed one: a user reads a built-in config as the
+    whole list of what can be set."""
+    import dataclasses
+
     config = load_config(CONFIGS / name)
     assert isinstance(config, Config)
+    listed = {f"{section}.{key}" for section, values in yaml.safe_load((CONFIGS / name).read_text()).items()
+              for key in values}
+    schema = {f"{section.name}.{field.name}" for section in dataclasses.fields(Config)
+              for field in dataclasses.fields(getattr(config, section.name))}
+    assert listed == schema, (sorted(listed - schema), sorted(schema - listed))
 
 
 def test_overrides_apply_with_yaml_types():
