@@ -99,11 +99,10 @@ def register_onto_template(ct_path: Path, template_path: Path) -> tuple[np.ndarr
     sys.path.insert(0, str(ROOT))
     from medcycle.transforms.body_mask import compute_body_mask
 
-    values, affine = load(ct_path)
-    body = compute_body_mask(values, threshold=BODY_HU, spacing=np.linalg.norm(affine[:3, :3], axis=0))
     moving = sitk.ReadImage(str(ct_path), sitk.sitkFloat32)
-    # nibabel and SimpleITK index a NIfTI's voxels alike: ITK's array is the (Z, Y, X) transpose
-    body_image = sitk.GetImageFromArray(np.where(body, values, -1024.0).astype(np.float32).transpose(2, 1, 0))
+    values = sitk.GetArrayFromImage(moving)  # (Z, Y, X): the body mask's axial axis is its first here
+    body = compute_body_mask(values.transpose(2, 1, 0), threshold=BODY_HU, spacing=moving.GetSpacing())
+    body_image = sitk.GetImageFromArray(np.where(body.transpose(2, 1, 0), values, -1024.0).astype(np.float32))
     body_image.CopyInformation(moving)
     fixed = sitk.ReadImage(str(template_path), sitk.sitkFloat32)
     clip = [sitk.Clamp(image, sitk.sitkFloat32, -1024.0, 2000.0) for image in (fixed, body_image)]
@@ -196,6 +195,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="also score a real head CT of another person, affinely registered onto the template "
                              "(the figures' ceiling), e.g. DATA/ct/invesalius_cranium.nii.gz")
     args = parser.parse_args(argv)
+    if args.real_ct is not None and not args.real_ct.is_file():
+        print(f"real_anatomy: error: {args.real_ct}: no such file", file=sys.stderr)
+        return 1
     ref = references(args.data)
     volumes, rows = {}, {}
     for item in args.sct:
@@ -208,7 +210,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         volumes[f"sCT: {name}"], rows[name] = values, figures(values, ref)
     if args.real_ct is not None:
-        warped, template_affine, metric = register_onto_template(args.real_ct, args.data / "reference" / "ct_template_hu.nii.gz")
+        try:
+            warped, template_affine, metric = register_onto_template(args.real_ct,
+                                                                     args.data / "reference" / "ct_template_hu.nii.gz")
+        except RuntimeError as error:  # SimpleITK: an unreadable file, or a registration that cannot start
+            print(f"real_anatomy: error: {args.real_ct}: {str(error).strip().splitlines()[-1]}", file=sys.stderr)
+            return 1
         values = resample_onto(warped, template_affine, ref["colin"].shape, ref["affine"], order=1, cval=np.nan)
         covered = 100.0 * float(np.isfinite(values[ref["head"]]).mean())
         if covered < 99.0:
