@@ -10,7 +10,8 @@ from medcycle.device import DEVICE_HELP
 from medcycle.errors import MedcycleError
 
 EXAMPLES = {
-    "phantom": "medcycle phantom --out data --cases 8 --size full",
+    "phantom": "medcycle phantom --out data --cases 8 --size full\n"
+    "  medcycle phantom --out data --cases 8 --from-ct head_ct.nii.gz   # + a pair on a real head's anatomy",
     "preprocess": "medcycle preprocess --data data --out cache --config configs/demo_cpu.yaml --workers 2\n"
     "  medcycle preprocess --mr-dir mr/ --ct-dir ct/ --out cache",
     "train": "medcycle train --config configs/demo_cpu.yaml --data cache --out run --max-iters 2000\n"
@@ -73,11 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "phantom", "write synthetic paired MR/CT head cases in the SynthRAD2023 layout")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (one sub-folder per case)")
-    p.add_argument("--cases", type=int, default=8, metavar="N", help="number of cases (default 8)")
+    p.add_argument("--cases", type=int, metavar="N", help="number of phantom cases (default 8; 0 with --from-ct)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed; same seed, same data (default 0)")
     p.add_argument("--size", choices=("small", "full"), default="full",
                    help="full: 192x224x64 voxels of 1x1x2.5 mm (the whole head); small: 64x75x32 of 3x3x5 mm, for tests "
                         "(default full)")
+    p.add_argument("--from-ct", nargs="+", default=[], metavar="CT",
+                   help="also a pair on real anatomy per real head CT (file, DICOM series or a folder of them): "
+                        "OUT/pair_<name>/ holds the CT (body only) and a T1w MR rendered from its tissues")
 
     p = _add(sub, "preprocess", "turn MR/CT volumes into a cache of normalised 2D tiles for training")
     p.add_argument("--data", metavar="DIR", help="SynthRAD layout: DIR/<case>/mr.*, optional ct.*, mask.*")
@@ -162,7 +166,8 @@ def _job(args: argparse.Namespace) -> Callable[[], object]:
     import medcycle
 
     if args.command == "phantom":
-        return lambda: medcycle.phantom(out=args.out, cases=args.cases, seed=args.seed, size=args.size, quiet=args.quiet)
+        return lambda: medcycle.phantom(out=args.out, cases=args.cases, seed=args.seed, size=args.size, quiet=args.quiet,
+                                        from_ct=args.from_ct)
     if args.command == "preprocess":
         return lambda: medcycle.preprocess(out=args.out, data=args.data, mr_dir=args.mr_dir, ct_dir=args.ct_dir,
                                            config=args.config, overrides=args.overrides, workers=args.workers,

@@ -16,6 +16,7 @@ from scipy import ndimage
 from medcycle.cli import main
 from medcycle.data import phantom as ph
 from medcycle.errors import UsageError
+from medcycle.transforms import CT_BODY_THRESHOLD_HU, compute_body_mask
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = ("mr.nii.gz", "ct.nii.gz", "mask.nii.gz", "labels.nii.gz")
@@ -243,3 +244,96 @@ def test_run_refuses_a_bad_size_and_a_folder_of_another_seed(tmp_path):
     with pytest.raises(InputError, match="another --seed"):
         medcycle.jobs.phantom.run(out=tmp_path / "data", cases=1, seed=0, size="small")
     assert sorted(p.name for p in folder.iterdir()) == ["mask.nii.gz"]
+
+
+# --------------------------------------------------------------------------------------------------
+# a pair on real anatomy: a real CT and the MR rendered from its tissues
+
+
+def test_labels_from_a_ct_find_the_tissues_the_ct_was_made_of(full_case):
+    labels = ph.labels_from_ct(full_case.ct, full_case.mask.astype(bool), full_case.spacing)
+    assert labels.shape == full_case.labels.shape and labels.dtype == np.uint8
+    assert (labels[full_case.mask == 0] == ph.AIR).all()
+    brain = {ph.CSF, ph.WHITE_MATTER, ph.GREY_MATTER}
+    expected = [  # tissue of the phantom, labels of a CT's tissues it may get, their least share of its interior
+        (ph.CORTICAL_BONE, {ph.CORTICAL_BONE}, 0.9),
+        (ph.CANCELLOUS_BONE, {ph.CANCELLOUS_BONE, ph.CORTICAL_BONE}, 0.9),
+        (ph.SINUS, {ph.SINUS}, 0.9),
+        (ph.FAT, {ph.FAT}, 0.8),  # thin layers: some mix with the skin's HU
+        (ph.MUSCLE, {ph.GREY_MATTER}, 0.9),  # grey matter stands for muscle (the same T1w intensity)
+        # grey and white matter differ by ~10 HU on CT, less than its noise: the brain is brain, roughly sorted
+        (ph.WHITE_MATTER, brain, 0.97), (ph.WHITE_MATTER, {ph.WHITE_MATTER}, 0.6),
+        (ph.GREY_MATTER, brain, 0.97), (ph.GREY_MATTER, {ph.GREY_MATTER}, 0.6),
+        # the phantom's ventricles (10-20 HU) straddle the CSF bound (18 HU; a real CT's CSF is 0-15 HU)
+        (ph.VENTRICLES, {ph.CSF, ph.WHITE_MATTER}, 0.95), (ph.VENTRICLES, {ph.CSF}, 0.5),
+    ]
+    for tissue, allowed, least in expected:
+        inside = interior(full_case.labels, tissue)
+        assert inside.sum() > 50, ph.TISSUES[tissue].name
+        share = np.isin(labels[inside], list(allowed)).mean()
+        assert share > least, (ph.TISSUES[tissue].name, allowed, share)
+
+
+def _head_ct_with_holder(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, ph.PhantomCase]:
+    """A small oblique phantom head CT lying on a 300 HU holder plate (3 mm) that touches its back."""
+    case = ph.make_case(0, 1, "small")  # case 1 is oblique
+    ct = case.ct.astype(np.int16).copy()
+    back = np.argwhere(case.mask.any(axis=(0, 2)))[0, 0]  # the body's first row from the posterior side
+    holder = np.zeros(ct.shape, dtype=bool)
+    holder[16:48, back - 1, :] = True
+    holder &= case.mask == 0
+    ct[holder] = 300
+    path = tmp_path / "scans" / "head_ct.nii.gz"
+    path.parent.mkdir()
+    nib.save(nib.Nifti1Image(ct, case.affine), str(path))
+    return path, ct, holder, case
+
+
+def test_cli_writes_a_pair_on_a_real_ct_on_its_grid_without_the_holder(tmp_path):
+    path, ct, holder, case = _head_ct_with_holder(tmp_path)
+    before = path.read_bytes()
+    out = tmp_path / "data"
+    result = _cli("phantom", "--out", str(out), "--from-ct", str(path.parent))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [result.stdout.strip()]
+    assert result.stdout.startswith(f"medcycle phantom: wrote 1 cases in {out} (1 on real anatomy)")
+    assert path.read_bytes() == before
+    pair = out / "pair_head_ct"
+    assert sorted(p.name for p in out.iterdir()) == ["pair_head_ct"]
+    assert sorted(p.name for p in pair.iterdir()) == sorted(FILES)
+    images = {name: nib.load(str(pair / name)) for name in FILES}
+    for name, image in images.items():
+        assert image.shape == ct.shape, name
+        np.testing.assert_allclose(image.affine, case.affine, atol=1e-5, err_msg=name)
+    values = {name[:-7]: np.asarray(image.dataobj) for name, image in images.items()}
+    body = values["mask"].astype(bool)
+    np.testing.assert_array_equal(body, compute_body_mask(ct.astype(np.float32), threshold=CT_BODY_THRESHOLD_HU,
+                                                          spacing=case.spacing))  # medcycle's one body mask
+    assert (body & holder).sum() < 0.2 * holder.sum()  # at most the contact zone
+    assert (body & (case.mask == 1)).sum() > 0.97 * case.mask.sum()
+    np.testing.assert_array_equal(values["ct"][body], ct[body])
+    assert (values["ct"][~body] == -1024).all()
+    mr, labels = values["mr"].astype(np.float32), values["labels"]
+    brain = np.median(mr[np.isin(labels, [ph.WHITE_MATTER, ph.GREY_MATTER]) & body])
+    assert np.median(mr[holder & ~body]) < 0.1 * brain  # a holder gives no MR signal
+    assert np.median(mr[labels == ph.CORTICAL_BONE]) < 0.5 * brain  # bone dark, as in a T1
+    assert np.median(mr[labels == ph.FAT]) > brain  # fat bright
+    written = {p: p.stat().st_mtime_ns for p in pair.iterdir()}
+
+    again = _cli("phantom", "--out", str(out), "--from-ct", str(path))
+    assert again.returncode == 0, again.stderr
+    assert "wrote 0 of 1 cases (1 already there)" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in pair.iterdir()} == written
+
+
+def test_cli_refuses_an_mr_or_a_missing_file_as_the_real_ct(tmp_path):
+    case = ph.make_case(0, 0, "small")
+    mr = tmp_path / "mr.nii.gz"
+    nib.save(nib.Nifti1Image(case.mr.astype(np.int16), case.affine), str(mr))
+    for given, words in ((mr, "not a CT"), (tmp_path / "absent.nii.gz", "no such CT")):
+        out = tmp_path / "data"
+        result = _cli("phantom", "-q", "--out", str(out), "--from-ct", str(given))
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(given) in lines[0] and words in lines[0], result.stderr
+        assert not (out / f"pair_{given.name[:-7]}").exists()

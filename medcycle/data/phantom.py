@@ -26,6 +26,10 @@ the same field of view and anatomy at 64 x 75 x 32 voxels of 3 x 3 x 5 mm (for t
 pose varies (+-8 degrees per axis); every third case (index % 3 == 1) has an oblique affine (rotated
 5-15 degrees about one or two axes). The origin is never zero.
 
+A pair on real anatomy (:func:`case_from_ct`): a real head CT's body labelled with the same tissues by
+its HU (:func:`labels_from_ct`) and an MR rendered from them as above, on the CT's own grid: the real
+skull, face and skull base the phantom only approximates, with the MR-to-CT relation no unpaired scan gives.
+
 Determinism: case ``index`` of ``seed`` comes from ``np.random.default_rng([seed, index])`` alone,
 so it is the same whatever the number of cases, and ``small`` and ``full`` share every anatomical
 random draw (the smooth fields are defined in millimetres, independent of the grid); only the
@@ -34,6 +38,7 @@ voxel noise differs.
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence
@@ -45,7 +50,7 @@ __all__ = [
     "AIR", "SKIN", "FAT", "MUSCLE", "CORTICAL_BONE", "CANCELLOUS_BONE", "CSF", "GREY_MATTER",
     "WHITE_MATTER", "VENTRICLES", "EYE", "SINUS",
     "FILES", "SIZES", "TISSUES", "GridSize", "PhantomCase", "Tissue",
-    "case_grid", "case_name", "make_case", "write_case",
+    "case_from_ct", "case_grid", "case_name", "labels_from_ct", "make_case", "write_case",
 ]
 
 
@@ -500,6 +505,28 @@ def _table(column: str) -> np.ndarray:
     return np.array([getattr(t, column) for t in TISSUES], dtype=np.float32)
 
 
+def _mr_signal(labels: np.ndarray, p: dict, texture: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Noise-free T1w scanner values of a label map: each tissue's relative intensity with texture,
+    the partial-volume blur, a bias field spanning exactly 1 +- ``bias_amp`` over the body (from the
+    smooth field `bias`) and the scanner scale."""
+    mr_rel = _table("mr") * p["mr_jitter"].astype(np.float32)
+    mr = mr_rel[labels] * (1 + _table("mr_texture")[labels] * texture)
+    mr = ndimage.gaussian_filter(mr, sigma=p["blur"], truncate=3.0)
+    body = labels != AIR
+    b_lo, b_hi = float(bias[body].min()), float(bias[body].max())
+    bias = (bias - np.float32((b_lo + b_hi) / 2)) * np.float32(2 * p["bias_amp"] / max(b_hi - b_lo, 1e-6)) + 1
+    mr *= bias * np.float32(p["mr_scale"])
+    return mr
+
+
+def _rician(mr: np.ndarray, p: dict, rng: np.random.Generator) -> np.ndarray:
+    """Magnitude-image noise (sigma ``mr_noise`` of the white matter signal), rounded to whole scanner units."""
+    sigma = np.float32(p["mr_noise"] * TISSUES[WHITE_MATTER].mr * p["mr_scale"])
+    real = mr + rng.standard_normal(mr.shape, dtype=np.float32) * sigma
+    imag = rng.standard_normal(mr.shape, dtype=np.float32) * sigma
+    return np.rint(np.sqrt(real * real + imag * imag))
+
+
 def make_case(seed: int, index: int, size: str = "full") -> PhantomCase:
     """Build case `index` of `seed` on the ``small`` or ``full`` grid (see the module docstring)."""
     grid = _check_size(size)
@@ -531,28 +558,75 @@ def make_case(seed: int, index: int, size: str = "full") -> PhantomCase:
     hu = np.clip(hu, lo[labels], hi[labels])
     hu = ndimage.gaussian_filter(hu, sigma=p["blur"], truncate=3.0)
 
-    # MR: relative T1w intensity with texture, blurred alike, bias field, scanner scale
-    mr_rel = (_table("mr") * p["mr_jitter"].astype(np.float32))
-    mr = mr_rel[labels] * (1 + _table("mr_texture")[labels] * fine[0])
-    del fine, bone
-    mr = ndimage.gaussian_filter(mr, sigma=p["blur"], truncate=3.0)
-    # bias field: a smooth random field scaled so that it spans exactly 1 +- bias_amp over the head
-    bias = _evaluate(bias_coef, 70.0, head.axes_mm)[0]
-    b_lo, b_hi = float(bias[labels != AIR].min()), float(bias[labels != AIR].max())
-    bias = (bias - np.float32((b_lo + b_hi) / 2)) * np.float32(2 * p["bias_amp"] / max(b_hi - b_lo, 1e-6)) + 1
-    mr *= bias * np.float32(p["mr_scale"])
-    del bias, low
+    mr = _mr_signal(labels, p, fine[0], _evaluate(bias_coef, 70.0, head.axes_mm)[0])
+    del fine, bone, low
 
     # voxel noise (the only draws that depend on the grid)
     hu += rng.standard_normal(grid.shape, dtype=np.float32) * np.float32(p["ct_noise"])
-    sigma = np.float32(p["mr_noise"] * TISSUES[WHITE_MATTER].mr * p["mr_scale"])
-    real = mr + rng.standard_normal(grid.shape, dtype=np.float32) * sigma
-    imag = rng.standard_normal(grid.shape, dtype=np.float32) * sigma
-    mr = np.rint(np.sqrt(real * real + imag * imag))
+    mr = _rician(mr, p, rng)
 
     ct = np.clip(np.rint(hu), *CT_CLIP).astype(np.int16)
     mask = (labels != AIR).astype(np.uint8)
     return PhantomCase(labels=labels, ct=ct, mr=mr.astype(np.float32), mask=mask, affine=_affine(p, grid))
+
+
+# --------------------------------------------------------------------------------------------------
+# a paired case on real anatomy: a real CT and an MR rendered from its tissues
+
+#: upper HU bounds (after a ~1 mm smoothing) of the tissues a real CT's body is labelled with; above the
+#: last, cortical bone. Grey matter also stands for muscle (the same T1w intensity within 3 %).
+CT_TISSUE_BOUNDS: tuple[tuple[float, int], ...] = (
+    (-400.0, SINUS), (-30.0, FAT), (18.0, CSF), (32.0, WHITE_MATTER), (200.0, GREY_MATTER), (700.0, CANCELLOUS_BONE),
+)
+SKIN_MM = 2.0
+
+
+def labels_from_ct(hu: np.ndarray, body: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Tissue labels (:data:`TISSUES`) of a real CT: air outside `body`; inside it, each voxel's HU after
+    a ~1 mm smoothing against :data:`CT_TISSUE_BOUNDS`, and the body's outer ``SKIN_MM`` skin (air
+    cavities open to it stay air). On CT, grey and white matter differ by ~10 HU, so the brain's
+    labels follow its noise-smoothed densities, not its folding."""
+    sigma = 1.0 / np.asarray(spacing, dtype=np.float64)
+    smooth = ndimage.gaussian_filter(np.asarray(hu, dtype=np.float32), sigma=sigma, truncate=3.0)
+    bounds = np.array([bound for bound, _ in CT_TISSUE_BOUNDS], dtype=np.float32)
+    classes = np.array([label for _, label in CT_TISSUE_BOUNDS] + [CORTICAL_BONE], dtype=np.uint8)
+    labels = classes[np.digitize(smooth, bounds)]
+    skin = body & (ndimage.distance_transform_edt(body, sampling=spacing) <= SKIN_MM)
+    labels[skin & (labels != SINUS)] = SKIN
+    labels[~body] = AIR
+    return labels
+
+
+def case_from_ct(hu: np.ndarray, affine: np.ndarray, seed: int = 0, name: str = "") -> PhantomCase:
+    """A paired case on real anatomy: a real head CT (HU, (X, Y, Z) on `affine`) and a T1w MR rendered
+    from its tissues (:func:`labels_from_ct`) as the phantom renders its own: the same intensity table,
+    texture, blur, bias field and Rician noise, the scanner's parameters drawn from `seed` and `name`.
+
+    The mask is the CT's body (:func:`~medcycle.transforms.compute_body_mask`: head holders, couches
+    and frames left out); the case's CT is the input's HU inside it, air (-1024) outside, rounded and
+    clipped to the phantom's range. The grid is the CT's own. A registered pair is what an unpaired
+    CycleGAN lacks; this one teaches the MR-to-CT relation on a real skull, face and skull base.
+    """
+    from medcycle.image import spacing_of
+    from medcycle.transforms import CT_BODY_THRESHOLD_HU, compute_body_mask
+
+    hu = np.asarray(hu, dtype=np.float32)
+    spacing = spacing_of(affine)
+    body = compute_body_mask(hu, threshold=CT_BODY_THRESHOLD_HU, spacing=spacing)
+    labels = labels_from_ct(hu, body, spacing)
+    rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+    p = _draw_params(rng, 0)
+    texture_coef, bias_coef = _coefficients(rng, 3.0, 1), _coefficients(rng, 70.0, 1)
+    # fields in mm about the body's centre; beyond the fields' box they stay at its edge's value
+    centre = np.array([np.mean(np.nonzero(body.any(axis=tuple(a for a in range(3) if a != axis)))[0])
+                       for axis in range(3)])
+    axes_mm = tuple(np.clip((np.arange(n) - c) * s, -h, h).astype(np.float32)
+                    for n, c, s, h in zip(hu.shape, centre, spacing, _FIELD_HALF))
+    mr = _mr_signal(labels, p, _evaluate(texture_coef, 3.0, axes_mm)[0], _evaluate(bias_coef, 70.0, axes_mm)[0])
+    mr = _rician(mr, p, rng)
+    ct = np.clip(np.rint(np.where(body, hu, CT_CLIP[0])), *CT_CLIP).astype(np.int16)
+    return PhantomCase(labels=labels, ct=ct, mr=mr.astype(np.float32), mask=body.astype(np.uint8),
+                       affine=np.asarray(affine, dtype=np.float64))
 
 
 def write_case(folder: str | os.PathLike, case: PhantomCase, names: Optional[Iterable[str]] = None) -> list[Path]:
