@@ -325,6 +325,13 @@ def test_cli_writes_a_pair_on_a_real_ct_on_its_grid_without_the_holder(tmp_path)
     assert "wrote 0 of 1 cases (1 already there)" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in pair.iterdir()} == written
 
+    # pairs written into the CTs' own folder: a re-run does not take the output for a CT series
+    beside = path.parent / "pairs"
+    for _ in range(2):
+        result = _cli("phantom", "-q", "--out", str(beside), "--from-ct", str(path.parent))
+        assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in beside.iterdir()) == ["pair_head_ct"]
+
 
 def test_cli_refuses_an_mr_or_a_missing_file_as_the_real_ct(tmp_path):
     case = ph.make_case(0, 0, "small")

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from medcycle.errors import InputError, UsageError
-from medcycle.files import stem
+from medcycle.files import inside, stem
 
 
 def _check_arguments(cases: object, seed: object, size: object, least: int) -> None:
@@ -58,8 +58,9 @@ def _existing(folder: Path, shape: tuple[int, ...], affine: np.ndarray,
     return present
 
 
-def _real_cts(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Each CT volume or DICOM series of `paths`; a folder that is no series stands for the CTs in it."""
+def _real_cts(paths: Sequence[str | os.PathLike], out: Path) -> list[Path]:
+    """Each CT volume or DICOM series of `paths`; a folder that is no series stands for the CTs in it (not
+    `out`, which may lie there)."""
     from medcycle.cases import modality_cases
     from medcycle.io import is_dicom_series
 
@@ -68,7 +69,7 @@ def _real_cts(paths: Sequence[str | os.PathLike]) -> list[Path]:
         if not path.exists():
             raise InputError(f"{path}: no such CT file or folder")
         if path.is_dir() and not is_dicom_series(path):
-            cts += [case.volumes["ct"] for case in modality_cases(path, "ct")]
+            cts += [case.volumes["ct"] for case in modality_cases(path, "ct") if not inside(out, case.volumes["ct"])]
         else:
             cts.append(path)
     return cts
@@ -112,7 +113,7 @@ def run(out: str | os.PathLike, cases: Optional[int] = None, seed: int = 0, size
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder; choose an output folder")
     started = time.perf_counter()
-    cts = _real_cts(from_ct)
+    cts = _real_cts(from_ct, out)
     pairs = {}
     for ct_path in cts:
         folder = out / f"pair_{stem(ct_path)}"
