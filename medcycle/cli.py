@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", required=True, action="append", metavar="MODEL",
                    help="exported model folder ('medcycle export'), run folder (uses best.pt, else last.pt) or a .pt "
                         "file; repeat for an ensemble (the mean of the members' sCTs in HU)")
-    p.add_argument("--uncertainty", metavar="FILE", help="also write the voxel-wise standard deviation in HU over the "
-                   "--model members and test-time mirrorings (float32 .nii.gz on the sCT's grid; one input)")
+    p.add_argument("--uncertainty", metavar="PATH", help="also write the voxel-wise standard deviation in HU over the "
+                   "--model members and test-time mirrorings (float32 .nii.gz on the sCT's grid): a file for one "
+                   "input, a folder (one <case>_sd.nii.gz per case) for a folder of cases")
     p.add_argument("--mask", metavar="MASK", help="body mask; computed from the MR when omitted")
     p.add_argument("--no-mask", action="store_true", help="keep the model's values outside the body (default: -1000 HU)")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="slices per forward pass (default 8)")

@@ -261,9 +261,36 @@ def test_members_with_other_preprocessing_and_impossible_uncertainty_requests_ar
         run(mr, tmp_path / "sct.nii.gz", a, tta="none", uncertainty=tmp_path / "sd.nii.gz")
     with pytest.raises(UsageError, match="must be a NIfTI file"):
         run(mr, tmp_path / "sct.nii.gz", [a, a], uncertainty=tmp_path / "sd.txt")
-    with pytest.raises(UsageError, match="not a folder of cases"):
-        run(tmp_path, tmp_path / "out", [a, a], uncertainty=tmp_path / "sd.nii.gz")
     assert not (tmp_path / "sct.nii.gz").exists()
+
+
+def test_a_folder_of_cases_gets_one_uncertainty_map_per_case_and_a_missing_map_is_made_on_rerun(tmp_path):
+    from medcycle.jobs.convert import run
+
+    model = make_checkpoint(tmp_path / "model.pt", tile=16)
+    cases = tmp_path / "cases"
+    for name in ("p1", "p2"):
+        (cases / name).mkdir(parents=True)
+        mr_volume(cases / name)
+    before = {p: p.read_bytes() for p in cases.rglob("*.nii.gz")}
+    with pytest.raises(UsageError, match="go to a folder .* not a file"):
+        run(cases, tmp_path / "sct", model, uncertainty=tmp_path / "sd.nii.gz")
+    with pytest.raises(UsageError, match="is the input folder"):
+        run(cases, tmp_path / "sct", model, uncertainty=cases)
+    assert not (tmp_path / "sct").exists()
+
+    records = run(cases, tmp_path / "sct", model, uncertainty=tmp_path / "sd")
+    assert [r["status"] for r in records] == ["converted", "converted"]
+    for name in ("p1", "p2"):
+        sd, source = nib.load(str(tmp_path / "sd" / f"{name}_sd.nii.gz")), nib.load(str(cases / name / "mr.nii.gz"))
+        assert sd.shape == source.shape and sd.get_data_dtype() == np.float32
+        np.testing.assert_allclose(sd.affine, source.affine, atol=1e-6)
+        assert voxels(tmp_path / "sd" / f"{name}_sd.nii.gz").max() > 0
+    (tmp_path / "sd" / "p2_sd.nii.gz").unlink()  # a map lost: its case is not finished
+    records = run(cases, tmp_path / "sct", model, uncertainty=tmp_path / "sd")
+    assert [r["status"] for r in records] == ["skipped", "converted"]
+    assert (tmp_path / "sd" / "p2_sd.nii.gz").is_file()
+    assert {p: p.read_bytes() for p in cases.rglob("*.nii.gz")} == before
 
 
 # --------------------------------------------------------------------------------------------------

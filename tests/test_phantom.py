@@ -296,7 +296,7 @@ def test_cli_writes_a_pair_on_a_real_ct_on_its_grid_without_the_holder(tmp_path)
     result = _cli("phantom", "--out", str(out), "--from-ct", str(path.parent))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [result.stdout.strip()]
-    assert result.stdout.startswith(f"medcycle phantom: wrote 1 cases in {out} (1 on real anatomy)")
+    assert result.stdout.startswith(f"medcycle phantom: wrote 1 case in {out} (1 on real anatomy)")
     assert path.read_bytes() == before
     pair = out / "pair_head_ct"
     assert sorted(p.name for p in out.iterdir()) == ["pair_head_ct"]

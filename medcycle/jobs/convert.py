@@ -21,9 +21,10 @@ One case:
 A model is an exported model folder (``medcycle export``), a run folder or a checkpoint. Several
 models make an ensemble: each member converts the case as it would alone, and the sCT is the mean of
 the members' sCTs in HU. The members must share the preprocessing (:data:`PREPROCESSING_KEYS`); they
-run with the first model's precision setting. ``uncertainty`` (one input) writes the voxel-wise
-standard deviation in HU over every member and test-time mirroring (the population one: over all
-N = members x mirrorings outputs, divided by N) as float32 NIfTI on the sCT's grid, 0 outside the body.
+run with the first model's precision setting. ``uncertainty`` writes the voxel-wise standard deviation
+in HU over every member and test-time mirroring (the population one: over all N = members x mirrorings
+outputs, divided by N) as float32 NIfTI on the sCT's grid, 0 outside the body: to a file, or for a
+folder of cases to a folder (``<case>_sd.nii.gz``).
 
 INPUT is a NIfTI/MHA/NRRD file, a DICOM-series folder, or a folder of cases (folder mode, layouts of
 :func:`medcycle.cases.mr_cases`):
@@ -165,14 +166,23 @@ def _plan_file(input: Path, output: Path, mask: Optional[Path], dicom_out: Optio
     return Conversion(Case(stem(input), input, volumes), output, dicom_out)
 
 
-def _plan_folder(input: Path, output: Path, dicom_out: Optional[Path]) -> tuple[list[Conversion], list[str]]:
+def _plan_folder(input: Path, output: Path, dicom_out: Optional[Path],
+                 uncertainty: Optional[Path] = None) -> tuple[list[Conversion], list[str]]:
     if output.exists() and not output.is_dir():
         raise UsageError(f"{output}: INPUT is a folder of cases, so OUTPUT must be a folder, not a file")
     if output.resolve() == input.resolve():
         raise UsageError(f"{output}: the output folder is the input folder; choose another folder")
     if dicom_out is not None:
         _refuse_nested(output, dicom_out)
-    cases, ignored = mr_cases(input, skip=[p for p in (output, dicom_out) if p is not None])
+    if uncertainty is not None:
+        if uncertainty.name.lower().endswith(NIFTI_SUFFIXES) or (uncertainty.exists() and not uncertainty.is_dir()):
+            raise UsageError(f"--uncertainty {uncertainty}: INPUT is a folder of cases, so the uncertainty maps go "
+                             "to a folder (one <case>_sd.nii.gz each), not a file")
+        if uncertainty.resolve() == input.resolve():
+            raise UsageError(f"--uncertainty {uncertainty}: is the input folder; choose another folder")
+        if dicom_out is not None and same_or_inside(uncertainty, dicom_out):
+            raise UsageError(f"--uncertainty {uncertainty}: is or lies in the DICOM output folder; write it elsewhere")
+    cases, ignored = mr_cases(input, skip=[p for p in (output, dicom_out, uncertainty) if p is not None])
     if not cases:
         raise InputError(
             f"{input}: no cases found (expected <case>/mr.nii.gz folders, volume files, or a DICOM series)"
@@ -181,7 +191,8 @@ def _plan_folder(input: Path, output: Path, dicom_out: Optional[Path]) -> tuple[
     for case in cases:
         nested = case.origin.is_dir() and case.origin != case.volumes["mr"]  # a SynthRAD case folder
         target = output / case.name / "sct.nii.gz" if nested else output / f"{case.name}_sct.nii.gz"
-        jobs.append(Conversion(case, target, dicom_out / case.name if dicom_out else None))
+        jobs.append(Conversion(case, target, dicom_out / case.name if dicom_out else None,
+                               uncertainty=uncertainty / f"{case.name}_sd.nii.gz" if uncertainty else None))
     names = [job.output for job in jobs]
     if len(set(names)) != len(names):
         dupes = sorted({str(n) for n in names if names.count(n) > 1})
@@ -407,8 +418,9 @@ def run(
     """Convert INPUT (file, DICOM folder or folder of cases) to synthetic CT; returns one record per case.
 
     ``model``: an exported model folder, a run folder or a checkpoint, or a list of them (an ensemble:
-    the mean of the members' sCTs in HU); ``uncertainty`` (one input only): where to write the
-    standard deviation in HU over the members and mirrorings.
+    the mean of the members' sCTs in HU); ``uncertainty``: where to write the standard deviation in HU
+    over the members and mirrorings (a ``.nii.gz`` file for one input; for a folder of cases, a folder
+    receiving one ``<case>_sd.nii.gz`` per case).
 
     ``tta="mirror"`` (default) averages the generator over the four in-plane mirrorings of each slice
     (:func:`medcycle.inferers.synthesize`); ``"none"`` is four times faster.
@@ -454,9 +466,7 @@ def run(
             raise UsageError("--mask takes one mask for one input; in folder mode each case's mask.* is used")
         if dicom_ref is not None:
             raise UsageError("--dicom-ref gives one patient's tags: it takes one input, not a folder of cases")
-        if uncertainty_path is not None:
-            raise UsageError("--uncertainty names one file: it takes one input, not a folder of cases")
-        jobs, ignored = _plan_folder(input, output, dicom_path)
+        jobs, ignored = _plan_folder(input, output, dicom_path, uncertainty_path)
     else:
         if input.is_file() and volume_suffix(input) is None:
             raise InputError(f"{input}: not a volume (expected .nii, .nii.gz, .mha, .nrrd or a DICOM folder)")
@@ -572,9 +582,11 @@ def _run_folder(jobs: list[Conversion], ignored: list[str], input: Path, output:
         try:
             _check_outputs(job, input)
             check_output_location(job.output)
-            with _locked(job.output, job.dicom_out):
-                done = job.output.is_file() and (
-                    job.dicom_out is None or (job.dicom_out.is_dir() and any(job.dicom_out.iterdir())))
+            if job.uncertainty is not None:
+                check_output_location(job.uncertainty)
+            with _locked(job.output, job.dicom_out, job.uncertainty):
+                done = (job.output.is_file() and (job.uncertainty is None or job.uncertainty.is_file()) and (
+                    job.dicom_out is None or (job.dicom_out.is_dir() and any(job.dicom_out.iterdir()))))
                 if done and not settings.overwrite:
                     records.append({**base, "status": "skipped"})
                     continue

@@ -135,8 +135,8 @@ def run(out: str | os.PathLike, cases: Optional[int] = None, seed: int = 0, size
         if missing:
             write_case(folder, make_case(int(seed), index, size), names=missing)
             written += 1
-    count = f"{written} cases" if written == len(folders) else \
-        f"{written} of {len(folders)} cases ({len(folders) - written} already there)"
+    count = (f"{written} case{'s' * (written != 1)}" if written == len(folders) else
+             f"{written} of {len(folders)} cases ({len(folders) - written} already there)")
     what = f"{grid(shape, spacing_of(affine))}, seed {seed}" if cases else ""
     if pairs:
         what = "; ".join(([f"{cases} phantom: {what}"] if cases else []) + [f"{len(pairs)} on real anatomy"])
