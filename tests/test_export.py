@@ -264,7 +264,7 @@ def test_members_with_other_preprocessing_and_impossible_uncertainty_requests_ar
     assert not (tmp_path / "sct.nii.gz").exists()
 
 
-def test_a_folder_of_cases_gets_one_uncertainty_map_per_case_and_a_missing_map_is_made_on_rerun(tmp_path):
+def test_a_folder_of_cases_gets_one_uncertainty_map_per_case_and_a_missing_map_is_made_on_rerun(tmp_path, capsys):
     from medcycle.jobs.convert import run
 
     model = make_checkpoint(tmp_path / "model.pt", tile=16)
@@ -281,6 +281,7 @@ def test_a_folder_of_cases_gets_one_uncertainty_map_per_case_and_a_missing_map_i
 
     records = run(cases, tmp_path / "sct", model, uncertainty=tmp_path / "sd")
     assert [r["status"] for r in records] == ["converted", "converted"]
+    assert f"-> {tmp_path / 'sct'} (uncertainty maps in {tmp_path / 'sd'}) on cpu" in capsys.readouterr().out
     for name in ("p1", "p2"):
         sd, source = nib.load(str(tmp_path / "sd" / f"{name}_sd.nii.gz")), nib.load(str(cases / name / "mr.nii.gz"))
         assert sd.shape == source.shape and sd.get_data_dtype() == np.float32

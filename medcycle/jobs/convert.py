@@ -598,10 +598,11 @@ def _run_folder(jobs: list[Conversion], ignored: list[str], input: Path, output:
     bar.close()
 
     counts = {s: sum(r["status"] == s for r in records) for s in ("converted", "skipped", "failed")}
+    maps = f" (uncertainty maps in {jobs[0].uncertainty.parent})" if jobs[0].uncertainty is not None else ""
     console.summary(
         "convert",
         f"{counts['converted']} converted, {counts['skipped']} skipped (output exists), "
-        f"{counts['failed']} failed, of {len(records)} cases -> {output} on {settings.device} "
+        f"{counts['failed']} failed, of {len(records)} cases -> {output}{maps} on {settings.device} "
         f"in {console.seconds(time.perf_counter() - started)}"
         + (f"; ignored folders without mr.*: {', '.join(ignored)}" if ignored else "")
     )
