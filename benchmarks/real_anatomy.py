@@ -13,6 +13,7 @@ as ``medcycle convert`` writes it):
 * bone Dice: sCT >= 300 HU against template >= 300 HU; and the same above MNI z = -11 mm (the cranium,
   above the orbits' floor): below it the template, an average of heads aligned on the brain, blurs the
   thin bones of the face and skull base under 300 HU, so that part measures the template as much as the sCT;
+  the same below that level (the face and skull base), and the sCT's bone volume (>= 300 HU in the head);
 * the brain: the skull-stripped MNI152 template's non-zero voxels, eroded by 5 mm: the median sCT
   there (grey/white matter are 20-40 HU) and the share of its voxels >= 300 HU (CSF is not bone).
 
@@ -130,12 +131,15 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def figures(sct: np.ndarray, ref: dict) -> dict:
     head, brain, cranium, template = ref["head"], ref["brain"], ref["cranium"], ref["template"]
+    voxel_cm3 = float(np.prod(ref["spacing"])) / 1000.0
     bone_sct, bone_ref = (sct >= BONE_HU) & head, (template >= BONE_HU) & head
     inside = sct[brain]
     return {
         "mae_head_hu": float(np.abs(sct[head] - template[head]).mean()),
         "bone_dice": dice(bone_sct, bone_ref),
         "cranial_bone_dice": dice(bone_sct & cranium, bone_ref & cranium),
+        "face_bone_dice": dice(bone_sct & ~cranium, bone_ref & ~cranium),
+        "bone_cm3": float(bone_sct.sum() * voxel_cm3),
         "brain_median_hu": float(np.median(inside)),
         "brain_bone_percent": 100.0 * float((inside >= BONE_HU).mean()),
         "head_voxels": int(head.sum()),
@@ -225,10 +229,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         volumes[name] = values = np.nan_to_num(values, nan=-1024.0)  # not an sCT: no prefix
         rows[name] = figures(values, ref) | {"registration_mattes_mi": metric, "head_covered_percent": covered}
     lines = ["| model | MAE in the head (HU) | bone Dice (>= 300 HU) | cranial bone Dice (z >= -11 mm) | "
-             "median sCT in the brain (HU) | brain voxels >= 300 HU (%) |",
-             "|---|---|---|---|---|---|"]
+             "face bone Dice (below) | bone in the head (cm3) | median sCT in the brain (HU) | "
+             "brain voxels >= 300 HU (%) |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {name} | {r['mae_head_hu']:.0f} | {r['bone_dice']:.3f} | {r['cranial_bone_dice']:.3f} | "
-              f"{r['brain_median_hu']:.0f} | {r['brain_bone_percent']:.1f} |" for name, r in rows.items()]
+              f"{r['face_bone_dice']:.3f} | {r['bone_cm3']:.0f} | {r['brain_median_hu']:.0f} | "
+              f"{r['brain_bone_percent']:.1f} |" for name, r in rows.items()]
     table = "\n".join(lines)
     print(table)
     head_cm3 = ref["head"].sum() * float(np.prod(ref["spacing"])) / 1000.0

@@ -117,10 +117,13 @@ def test_real_anatomy_resamples_through_world_space_and_scores_bone_and_brain():
     sct[3, 3:7, 3:7] = 400.0  # "bone" in the brain: 16 of its 64 voxels
     cranium = head.copy()
     cranium[:, :, :5] = False  # above a level: the false bone's lower half and the plate's lower half are out
-    result = ra.figures(sct, {"head": head, "brain": brain, "cranium": cranium, "template": template})
+    ref = {"head": head, "brain": brain, "cranium": cranium, "template": template, "spacing": (1.0, 1.0, 1.0)}
+    result = ra.figures(sct, ref)
     bone_ref, bone_sct = 64, 64 + 16
     assert result["bone_dice"] == pytest.approx(2 * 64 / (bone_ref + bone_sct))
     assert result["cranial_bone_dice"] == pytest.approx(2 * 32 / (32 + 32 + 8))
+    assert result["face_bone_dice"] == pytest.approx(2 * 32 / (32 + 32 + 8))  # the other halves, below the level
+    assert result["bone_cm3"] == pytest.approx(bone_sct / 1000.0)  # 1 mm voxels
     assert result["brain_bone_percent"] == pytest.approx(25.0) and result["brain_median_hu"] == pytest.approx(30.0)
     assert result["mae_head_hu"] == pytest.approx(16 * 370.0 / head.sum())
 
